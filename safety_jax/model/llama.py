@@ -1,0 +1,363 @@
+"""A pure-functional Llama (2 and 3) decoder in JAX.
+
+Params are a plain nested dict with every per-layer weight stacked on a leading ``layers`` axis; the forward pass is a
+``jax.lax.scan`` over that axis. Weight layout (einsum letters: d=embed, n=heads, k=kv heads, h=head dim, f=mlp,
+v=vocab)::
+
+    embed            [V, D]
+    layers/attn_norm [L, D]          layers/mlp_norm [L, D]
+    layers/attn/q    [L, D, N, H]    layers/attn/k   [L, D, K, H]    layers/attn/v [L, D, K, H]
+    layers/attn/o    [L, N, H, D]
+    layers/mlp/gate  [L, D, F]       layers/mlp/up   [L, D, F]       layers/mlp/down [L, F, D]
+    final_norm       [D]
+    lm_head          [D, V]          (absent when tie_word_embeddings)
+
+Numerics follow ``transformers``' LlamaForCausalLM: rotate-half RoPE (with Llama-3 frequency scaling), RMSNorm and
+softmax in float32, matmuls in ``config.compute_dtype``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from safety_jax.model.config import LlamaConfig
+from safety_jax.model.interventions import Intervention, apply_interventions
+
+Params = dict[str, Any]
+
+# Intermediates ``forward(..., capture=...)`` can return, each stacked over layers as [L, B, T, ...].
+CAPTURE_NAMES = (
+    "resid_pre",    # block input (residual stream before the block)          [L, B, T, D]
+    "attn_in",      # RMS-normalised attention input (feeds q/k/v)             [L, B, T, D]
+    "attn_hidden",  # attention-weighted values, input of the output proj.     [L, B, T, N, H]
+    "attn_out",     # attention output added to the stream                     [L, B, T, D]
+    "resid_mid",    # stream after attention, before the MLP                   [L, B, T, D]
+    "mlp_in",       # RMS-normalised MLP input (feeds gate/up)                 [L, B, T, D]
+    "mlp_hidden",   # silu(gate) * up, input of the down projection            [L, B, T, F]
+    "mlp_out",      # MLP output added to the stream                           [L, B, T, D]
+    "resid_post",   # block output (residual stream after the block)           [L, B, T, D]
+)
+
+# (module path inside ``layers``, logical axes without the leading layers axis)
+LAYER_WEIGHTS: dict[str, tuple[str, ...]] = {
+    "attn_norm": ("embed",),
+    "attn.q": ("embed", "heads", "head_dim"),
+    "attn.k": ("embed", "kv_heads", "head_dim"),
+    "attn.v": ("embed", "kv_heads", "head_dim"),
+    "attn.o": ("heads", "head_dim", "embed"),
+    "mlp_norm": ("embed",),
+    "mlp.gate": ("embed", "mlp"),
+    "mlp.up": ("embed", "mlp"),
+    "mlp.down": ("mlp", "embed"),
+}
+LINEAR_MODULES = ("attn.q", "attn.k", "attn.v", "attn.o", "mlp.gate", "mlp.up", "mlp.down")
+
+
+def layer_weight_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
+    """Shape of each per-layer weight (without the layers axis)."""
+    d, n, k, h, f = (config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.head_dim,
+                     config.intermediate_size)
+    return {"attn_norm": (d,), "attn.q": (d, n, h), "attn.k": (d, k, h), "attn.v": (d, k, h), "attn.o": (n, h, d),
+            "mlp_norm": (d,), "mlp.gate": (d, f), "mlp.up": (d, f), "mlp.down": (f, d)}
+
+
+def param_shapes(config: LlamaConfig) -> Params:
+    """The params pytree with ``jax.ShapeDtypeStruct`` leaves (no memory allocated)."""
+    dt = config.weight_dtype
+    n_layers = config.num_hidden_layers
+    layers: dict[str, Any] = {}
+    for name, shape in layer_weight_shapes(config).items():
+        _set_path(layers, name, jax.ShapeDtypeStruct((n_layers, *shape), dt))
+    tree: Params = {"embed": jax.ShapeDtypeStruct((config.vocab_size, config.hidden_size), dt), "layers": layers,
+                    "final_norm": jax.ShapeDtypeStruct((config.hidden_size,), dt)}
+    if not config.tie_word_embeddings:
+        tree["lm_head"] = jax.ShapeDtypeStruct((config.hidden_size, config.vocab_size), dt)
+    return tree
+
+
+def param_logical_axes(config: LlamaConfig) -> Params:
+    """The params pytree with a tuple of logical axis names at each leaf (used by ``parallel``)."""
+    layers: dict[str, Any] = {}
+    for name, axes in LAYER_WEIGHTS.items():
+        _set_path(layers, name, ("layers", *axes))
+    tree: Params = {"embed": ("vocab", "embed"), "layers": layers, "final_norm": ("embed",)}
+    if not config.tie_word_embeddings:
+        tree["lm_head"] = ("embed", "vocab")
+    return tree
+
+
+def init_params(config: LlamaConfig, key: jax.Array, *, initializer_range: float = 0.02) -> Params:
+    """Random params: normal(0, initializer_range) matrices, unit norm weights (the HF initialisation)."""
+    shapes = param_shapes(config)
+    leaves, treedef = jax.tree.flatten(shapes)
+    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(shapes)[0]]
+    keys = jax.random.split(key, len(leaves))
+    out = []
+    for path, leaf, k in zip(paths, leaves, keys):
+        if "norm" in path:
+            out.append(jnp.ones(leaf.shape, leaf.dtype))
+        else:
+            out.append((initializer_range * jax.random.normal(k, leaf.shape, jnp.float32)).astype(leaf.dtype))
+    return jax.tree.unflatten(treedef, out)
+
+
+# ---------------------------------------------------------------------------------------------------- building blocks
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    """RMSNorm computed in float32, cast back to the input dtype before scaling (as transformers does)."""
+    xf = x.astype(jnp.float32)
+    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return weight.astype(x.dtype) * xf.astype(x.dtype)
+
+
+def rope_inv_freq(config: LlamaConfig) -> np.ndarray:
+    """Inverse RoPE frequencies [H/2] in float32, with Llama-3 scaling when configured."""
+    dim = config.head_dim
+    inv_freq = 1.0 / (np.float32(config.rope_theta) ** (np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / dim))
+    inv_freq = inv_freq.astype(np.float32)
+    rs = config.rope_scaling
+    if rs is None:
+        return inv_freq
+    low_wavelen = rs.original_max_position_embeddings / rs.low_freq_factor
+    high_wavelen = rs.original_max_position_embeddings / rs.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = np.where(wavelen > low_wavelen, inv_freq / rs.factor, inv_freq)
+    smooth = (rs.original_max_position_embeddings / wavelen - rs.low_freq_factor) / (
+        rs.high_freq_factor - rs.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / rs.factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def rope_cos_sin(positions: jax.Array, config: LlamaConfig) -> tuple[jax.Array, jax.Array]:
+    """cos, sin tables [B, T, H] for integer positions [B, T] (float32)."""
+    inv_freq = jnp.asarray(rope_inv_freq(config))
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotate-half RoPE on x: [B, T, heads, H]."""
+    cos = cos[:, :, None, :].astype(x.dtype)
+    sin = sin[:, :, None, :].astype(x.dtype)
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    return x * cos + jnp.concatenate([-x2, x1], axis=-1) * sin
+
+
+def _lora_delta(x: jax.Array, lora_m: dict | None, in_eq: str, out_eq: str, scale: float) -> jax.Array | float:
+    if lora_m is None:
+        return 0.0
+    z = jnp.einsum(f"{in_eq}->btr", x, lora_m["a"].astype(x.dtype))
+    return scale * jnp.einsum(f"btr,{out_eq}", z, lora_m["b"].astype(x.dtype))
+
+
+def _linear(x: jax.Array, w: jax.Array, eq: str, lora_m: dict | None, lora_scale: float) -> jax.Array:
+    """``einsum(eq, x, w)`` plus the LoRA path ``scale · (x A) B`` when adapters are given."""
+    y = jnp.einsum(eq, x, w.astype(x.dtype))
+    if lora_m is not None:
+        ins, out = eq.split("->")
+        x_eq, w_eq = ins.split(",")
+        in_letters = "".join(c for c in w_eq if c in x_eq and c not in "bt")
+        out_letters = "".join(c for c in w_eq if c not in in_letters)
+        y = y + _lora_delta(x, lora_m, f"{x_eq},{in_letters}r", f"r{out_letters}->{out}", lora_scale)
+    return y
+
+
+def _attention(q: jax.Array, k: jax.Array, v: jax.Array, q_slots: jax.Array, kv_valid: jax.Array) -> jax.Array:
+    """Causal grouped-query attention. q: [B, T, N, H]; k, v: [B, S, K, H]; q_slots: [T] slot index of each query
+    (key slot s is visible to query t when s <= q_slots[t] and kv_valid[b, s]); returns [B, T, N, H]."""
+    b, t, n, h = q.shape
+    kv = k.shape[2]
+    qg = q.reshape(b, t, kv, n // kv, h)
+    scores = jnp.einsum("btkgh,bskh->bkgts", qg, k, preferred_element_type=jnp.float32) / math.sqrt(h)
+    s_idx = jnp.arange(k.shape[1])
+    visible = (s_idx[None, :] <= q_slots[:, None])[None] & kv_valid[:, None, :].astype(bool)  # [B, T, S]
+    scores = jnp.where(visible[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskh->btkgh", probs, v)
+    return out.reshape(b, t, n, h)
+
+
+def _gather_positions(x: jax.Array, idx: jax.Array | None) -> jax.Array:
+    """x: [B, T, ...], idx: [B, P] -> [B, P, ...] (identity when idx is None)."""
+    if idx is None:
+        return x
+    return jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 2)), axis=1)
+
+
+# ---------------------------------------------------------------------------------------------------- the decoder
+def _decoder(params: Params, tokens: jax.Array, config: LlamaConfig, *, positions: jax.Array,
+             kv_valid: jax.Array, q_slots: jax.Array, cache: dict | None, capture: Sequence[str],
+             capture_positions: jax.Array | None, interventions: Sequence[Intervention], lora: Params | None,
+             lora_scale: float, remat: bool, input_embeds: jax.Array | None):
+    dtype = config.dtype
+    if input_embeds is not None:
+        x = input_embeds.astype(dtype)
+    else:
+        x = jnp.take(params["embed"], tokens, axis=0).astype(dtype)
+    cos, sin = rope_cos_sin(positions, config)
+    eps = config.rms_norm_eps
+    lora_layers = (lora or {}).get("layers", {})
+    iv_static = tuple(interventions)
+
+    def block(x, layer):
+        w, lw, ivs, layer_cache = layer["w"], layer["lora"], layer["iv"], layer["cache"]
+        ivp = tuple(zip(iv_static, ivs))
+        caps: dict[str, jax.Array] = {}
+
+        def keep(name, value):
+            if name in capture:
+                caps[name] = _gather_positions(value, capture_positions)
+
+        x = apply_interventions(x, ivp, "resid_pre")
+        keep("resid_pre", x)
+        h = rms_norm(x, w["attn_norm"], eps)
+        keep("attn_in", h)
+        la = lw.get("attn", {})
+        q = _linear(h, w["attn"]["q"], "btd,dnh->btnh", la.get("q"), lora_scale)
+        k = _linear(h, w["attn"]["k"], "btd,dkh->btkh", la.get("k"), lora_scale)
+        v = _linear(h, w["attn"]["v"], "btd,dkh->btkh", la.get("v"), lora_scale)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        new_cache = None
+        if layer_cache is not None:
+            start = layer_cache["index"]
+            k_all = jax.lax.dynamic_update_slice_in_dim(layer_cache["k"], k.astype(layer_cache["k"].dtype), start, 1)
+            v_all = jax.lax.dynamic_update_slice_in_dim(layer_cache["v"], v.astype(layer_cache["v"].dtype), start, 1)
+            new_cache = {"k": k_all, "v": v_all}
+            k, v = k_all.astype(dtype), v_all.astype(dtype)
+        attn = _attention(q, k, v, q_slots, kv_valid)
+        keep("attn_hidden", attn)
+        attn_out = _linear(attn, w["attn"]["o"], "btnh,nhd->btd", la.get("o"), lora_scale)
+        attn_out = apply_interventions(attn_out, ivp, "attn_out")
+        keep("attn_out", attn_out)
+        x = x + attn_out
+        keep("resid_mid", x)
+        h = rms_norm(x, w["mlp_norm"], eps)
+        keep("mlp_in", h)
+        lm = lw.get("mlp", {})
+        gate = _linear(h, w["mlp"]["gate"], "btd,df->btf", lm.get("gate"), lora_scale)
+        up = _linear(h, w["mlp"]["up"], "btd,df->btf", lm.get("up"), lora_scale)
+        hidden = jax.nn.silu(gate) * up
+        keep("mlp_hidden", hidden)
+        mlp_out = _linear(hidden, w["mlp"]["down"], "btf,fd->btd", lm.get("down"), lora_scale)
+        mlp_out = apply_interventions(mlp_out, ivp, "mlp_out")
+        keep("mlp_out", mlp_out)
+        x = x + mlp_out
+        x = apply_interventions(x, ivp, "resid_post")
+        keep("resid_post", x)
+        return x, (caps, new_cache)
+
+    if remat:
+        block = jax.checkpoint(block, policy=jax.checkpoint_policies.nothing_saveable)
+
+    per_layer_iv = tuple({"direction": iv.direction, "coeff": iv.coeff, "layers": iv.layers} for iv in iv_static)
+    xs: dict[str, Any] = {"w": params["layers"], "lora": lora_layers, "iv": per_layer_iv, "cache": None}
+    if cache is not None:
+        n_layers = config.num_hidden_layers
+        xs["cache"] = {"k": cache["k"], "v": cache["v"],
+                       "index": jnp.broadcast_to(cache["index"], (n_layers,))}
+    x, (captured, new_kv) = jax.lax.scan(block, x, xs)
+    x = rms_norm(x, params["final_norm"], eps)
+    if config.tie_word_embeddings:
+        logits = jnp.einsum("btd,vd->btv", x, params["embed"].astype(dtype), preferred_element_type=jnp.float32)
+    else:
+        logits = jnp.einsum("btd,dv->btv", x, params["lm_head"].astype(dtype), preferred_element_type=jnp.float32)
+    return logits.astype(jnp.float32), captured, new_kv
+
+
+def default_positions(attention_mask: jax.Array | None, batch: int, length: int) -> jax.Array:
+    """Positions as transformers derives them: ``cumsum(mask) - 1`` (pads get 0), or ``arange`` without a mask."""
+    if attention_mask is None:
+        return jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+    pos = jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1
+    return jnp.where(attention_mask.astype(bool), pos, 0)
+
+
+def _check_inputs(tokens: jax.Array, config: LlamaConfig, attention_mask, positions, capture) -> None:
+    if tokens.ndim != 2:
+        raise ValueError(f"tokens must be [batch, seq] integers, got shape {tokens.shape}")
+    for name, arr in (("attention_mask", attention_mask), ("positions", positions)):
+        if arr is not None and tuple(arr.shape) != tuple(tokens.shape):
+            raise ValueError(f"{name} must have the shape of tokens {tuple(tokens.shape)}, got {tuple(arr.shape)}")
+    unknown = [c for c in capture if c not in CAPTURE_NAMES]
+    if unknown:
+        raise ValueError(f"capture names {unknown} unknown; choose from {CAPTURE_NAMES}")
+
+
+def forward(params: Params, tokens: jax.Array, config: LlamaConfig, *, attention_mask: jax.Array | None = None,
+            positions: jax.Array | None = None, capture: Sequence[str] | str | None = None,
+            capture_positions: jax.Array | None = None, interventions: Sequence[Intervention] = (),
+            lora: Params | None = None, lora_scale: float = 1.0, remat: bool = False,
+            input_embeds: jax.Array | None = None):
+    """Run the decoder on ``tokens: [B, T]``.
+
+    attention_mask: [B, T], 1 for real tokens, 0 for padding (left or right). positions: [B, T] RoPE positions
+    (default: ``cumsum(mask) - 1``). capture: names from ``CAPTURE_NAMES``; each comes back stacked ``[L, B, T, ...]``,
+    or ``[L, B, P, ...]`` when ``capture_positions: [B, P]`` picks positions inside the computation.
+    interventions: :class:`Intervention` edits of the stream. lora: adapter pytree (see ``safety_jax.model.lora``).
+    input_embeds: [B, T, D] to replace the token embeddings (soft-token attacks, gradients w.r.t. embeddings).
+
+    Returns float32 logits [B, T, V], or ``(logits, captured)`` when ``capture`` is given.
+    """
+    if isinstance(capture, str):
+        capture = (capture,)
+    capture = tuple(capture or ())
+    _check_inputs(tokens, config, attention_mask, positions, capture)
+    b, t = tokens.shape
+    if positions is None:
+        positions = default_positions(attention_mask, b, t)
+    kv_valid = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
+    logits, captured, _ = _decoder(
+        params, tokens, config, positions=positions, kv_valid=kv_valid, q_slots=jnp.arange(t), cache=None,
+        capture=capture, capture_positions=capture_positions, interventions=tuple(interventions), lora=lora,
+        lora_scale=lora_scale, remat=remat, input_embeds=input_embeds)
+    return (logits, captured) if capture else logits
+
+
+def init_cache(config: LlamaConfig, batch: int, max_len: int, dtype: Any = None) -> dict[str, jax.Array]:
+    """An empty KV cache: k, v [L, B, S, K, H]; mask [B, S] of filled, non-pad slots; index of the next slot."""
+    dtype = dtype or config.dtype
+    shape = (config.num_hidden_layers, batch, max_len, config.num_key_value_heads, config.head_dim)
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype), "mask": jnp.zeros((batch, max_len), bool),
+            "index": jnp.zeros((), jnp.int32)}
+
+
+def forward_cached(params: Params, tokens: jax.Array, config: LlamaConfig, cache: dict[str, jax.Array], *,
+                   positions: jax.Array, attention_mask: jax.Array | None = None,
+                   interventions: Sequence[Intervention] = (), lora: Params | None = None,
+                   lora_scale: float = 1.0) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Run ``tokens: [B, T]`` at cache slots ``index .. index+T-1`` (prefill when T > 1, a decode step when T = 1).
+
+    Returns float32 logits [B, T, V] and the updated cache.
+    """
+    b, t = tokens.shape
+    index = cache["index"]
+    new_mask = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
+    kv_valid = jax.lax.dynamic_update_slice_in_dim(cache["mask"], new_mask, index, 1)
+    logits, _, new_kv = _decoder(
+        params, tokens, config, positions=positions, kv_valid=kv_valid, q_slots=index + jnp.arange(t),
+        cache=cache, capture=(), capture_positions=None, interventions=tuple(interventions), lora=lora,
+        lora_scale=lora_scale, remat=False, input_embeds=None)
+    return logits, {"k": new_kv["k"], "v": new_kv["v"], "mask": kv_valid, "index": index + t}
+
+
+# ---------------------------------------------------------------------------------------------------- helpers
+def _set_path(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    for p in parts[:-1]:
+        tree = tree.setdefault(p, {})
+    tree[parts[-1]] = value
+
+
+def get_layer_weight(params: Params, module: str) -> jax.Array:
+    """The stacked weight of a module named like ``attn.q`` or ``mlp.down`` ([L, ...])."""
+    node = params["layers"]
+    for p in module.split("."):
+        node = node[p]
+    return node

@@ -1,0 +1,12 @@
+"""Test setup: 8 simulated CPU devices (for the sharding tests) and full fp32 matmul precision."""
+
+import os
+import sys
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+sys.path.insert(0, os.path.dirname(__file__))
+
+import jax  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "highest")
