@@ -50,3 +50,18 @@ def hf_forward(model, tokens: np.ndarray, mask: np.ndarray | None = None, positi
                     position_ids=None if positions is None else torch.as_tensor(positions, dtype=torch.long),
                     output_hidden_states=True)
     return out.logits.numpy(), [h.numpy() for h in out.hidden_states]
+
+
+def make_tokenizer(vocab_size: int) -> transformers.PreTrainedTokenizerFast:
+    """A word-level tokenizer over words ``w3 … w{V-1}`` with <pad>=0, <s>=1, </s>=2 (matches the tiny configs)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, vocab_size)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    from tokenizers import decoders
+
+    tok.decoder = decoders.WordPiece(prefix="##")
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                                pad_token="<pad>", unk_token="<pad>")
