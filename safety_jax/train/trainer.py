@@ -195,7 +195,7 @@ def train(loss_fn: LossFn, optimizer: optax.GradientTransformation, params: Any,
     for step in range(start + 1, cfg.steps + 1):
         batch = stack_micro_batches(next(it), cfg.grad_accum)
         if mesh is not None:
-            _check_batch_divides(batch, mesh, batch_axes)  # [n_micro, B, ...]: split the B axis over the batch mesh axes
+            _check_batch_divides(batch, mesh, batch_axes)
             batch = {k: jax.device_put(v, jax.sharding.NamedSharding(
                 mesh, jax.sharding.PartitionSpec(None, batch_axes) if np.ndim(v) >= 2 else
                 jax.sharding.PartitionSpec())) for k, v in batch.items()}
