@@ -96,17 +96,16 @@ def _attack(params: Params, tokens: jax.Array, attention_mask: jax.Array, target
     loss_fn = lambda soft: _target_nll(params, config, new_tokens, insert_soft_tokens(embeds, soft, layout), new_mask,
                                        new_positions, new_target)
 
-    def step(soft: jax.Array, _: None) -> tuple[jax.Array, jax.Array]:
+    def step(soft: jax.Array, i: jax.Array) -> tuple[jax.Array, jax.Array]:
         per_example, vjp = jax.vjp(loss_fn, soft)
         (g,) = vjp(jnp.ones_like(per_example))  # examples are independent: row b holds ∂ loss_b / ∂ soft_b
         g_norm = jnp.sqrt(jnp.sum(jnp.square(g), axis=(1, 2), keepdims=True))
-        soft = soft - lr * g / jnp.maximum(g_norm, jnp.finfo(jnp.float32).tiny)
-        return _project(soft, radius), per_example
+        updated = _project(soft - lr * g / jnp.maximum(g_norm, jnp.finfo(jnp.float32).tiny), radius)
+        # Iteration `steps` only measures the final loss: one extra gradient at run time, one body to compile.
+        return jnp.where(i < steps, updated, soft), per_example
 
-    soft, losses = jax.lax.scan(step, _project(init.astype(jnp.float32), radius), None, length=steps)
-    # One more forward for the loss after the last step; cheaper to compile than unrolling a final step's gradient.
-    final = loss_fn(soft)
-    return {"soft": soft, "losses": jnp.concatenate([losses, final[None]], axis=0),
+    soft, losses = jax.lax.scan(step, _project(init.astype(jnp.float32), radius), jnp.arange(steps + 1))
+    return {"soft": soft, "losses": losses,
             "input_embeds": insert_soft_tokens(embeds, soft, layout), "attention_mask": new_mask,
             "positions": new_positions, "tokens": new_tokens, "target_mask": new_target, "soft_mask": layout.is_soft,
             "anchor_idx": anchor_idx + num_soft, "max_norm": radius}

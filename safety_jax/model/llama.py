@@ -18,6 +18,7 @@ softmax in float32, matmuls in ``config.compute_dtype``.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -94,13 +95,17 @@ def param_logical_axes(config: LlamaConfig) -> Params:
 
 def init_params(config: LlamaConfig, key: jax.Array, *, initializer_range: float = 0.02) -> Params:
     """Random params: normal(0, initializer_range) matrices, unit norm weights (the HF initialisation)."""
+    return _init_params(config, key, initializer_range)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 2))
+def _init_params(config: LlamaConfig, key: jax.Array, initializer_range: float) -> Params:
     shapes = param_shapes(config)
-    leaves, treedef = jax.tree.flatten(shapes)
-    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(shapes)[0]]
-    keys = jax.random.split(key, len(leaves))
+    flat, treedef = jax.tree_util.tree_flatten_with_path(shapes)
+    keys = jax.random.split(key, len(flat))
     out = []
-    for path, leaf, k in zip(paths, leaves, keys):
-        if "norm" in path:
+    for (path, leaf), k in zip(flat, keys):
+        if "norm" in jax.tree_util.keystr(path):
             out.append(jnp.ones(leaf.shape, leaf.dtype))
         else:
             out.append((initializer_range * jax.random.normal(k, leaf.shape, jnp.float32)).astype(leaf.dtype))

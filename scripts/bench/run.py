@@ -1,10 +1,13 @@
 """Benchmark safety-jax against PyTorch (transformers) on the same config, weights, data and machine, in one run.
 
-    python scripts/bench/run.py --preset tiny --batch 4 --seq 128 --workloads forward,generate
-    python scripts/bench/run.py --preset bench_100m --batch 4 --seq 512 --out runs/bench
+    python scripts/bench/run.py --preset tiny --batch 4 --seq 128
+    python scripts/bench/run.py --preset bench_100m --batch 4 --seq 256 --reps 3 --out runs/bench-100m
+    python scripts/bench/run.py --preset bench_1b --dtype bfloat16 --batch 8 --seq 1024 --out runs/bench-1b  # GPU
 
-Prints a Markdown table (median tokens/s, JAX/PyTorch ratio, compile time, peak memory, MFU against the matmul peak
-measured in the same run) and writes bench.md / bench.json to ``--out``.
+Workloads: forward, generate, sft, dpo, wanda, svd (see README.md). Prints a Markdown table (median tokens/s — or
+matrices/s for svd —, JAX/PyTorch ratio, compile time, peak memory, MFU against the matmul peak measured in the same
+run) and one summary line per workload, and writes bench.md / bench.json to ``--out``. Every workload first checks
+that both sides did the same work (first-step loss, output checksum, masks) and fails when they did not.
 """
 
 from __future__ import annotations
@@ -21,10 +24,13 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import (  # noqa: E402
     Result,
-    assert_equal_work,
+    check_equal_work,
+    cpu_count,
+    load_average,
     machine_description,
     measure_matmul_peak,
-    time_sides,
+    set_torch_threads,
+    time_work,
     torch_matmul_peak,
     write_tables,
 )
@@ -33,23 +39,38 @@ from workloads import WORKLOADS, BenchContext  # noqa: E402
 from safety_jax.model.config import get_preset  # noqa: E402
 
 
-def main(argv: list[str] | None = None) -> str:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="tiny", help="model preset (tiny, bench_100m, bench_1b, llama3_8b, ...)")
-    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--preset", "--config", dest="preset", default="tiny",
+                   help="model preset: tiny, bench_100m (CPU); bench_1b with --dtype bfloat16 (GPU); llama3_8b, ...")
+    p.add_argument("--batch", type=int, default=4, help="sequences per step (DPO: preference pairs)")
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=128, help="decode tokens for the generation workload")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="param and compute dtype of both sides (training in pure bfloat16 on both sides)")
     p.add_argument("--workloads", default=",".join(WORKLOADS), help=f"comma list from {list(WORKLOADS)}")
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--torch-compile", action="store_true", help="also time torch.compile where it works")
+    p.add_argument("--torch-threads", type=int, default=None, help="PyTorch intra-op threads (default: CPU count)")
+    p.add_argument("--no-memory", dest="memory", action="store_false",
+                   help="skip the peak-memory measurement (one extra, profiled run per PyTorch side)")
     p.add_argument("--out", default=None, help="folder for bench.md and bench.json")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
+    unknown = [w for w in args.workloads.split(",") if w not in WORKLOADS]
+    if unknown:
+        p.error(f"unknown workload(s) {unknown}; choose from {list(WORKLOADS)}")
+    return args
 
+
+def main(argv: list[str] | None = None) -> str:
+    """Run the benchmark; returns the Markdown text (also printed, and written to ``--out``)."""
+    args = parse_args(argv)
     import torch
 
+    load_start = load_average()
+    threads = set_torch_threads(args.torch_threads)
     torch.manual_seed(args.seed)
     config = get_preset(args.preset, param_dtype=args.dtype, compute_dtype=args.dtype)
     ctx = BenchContext.build(config, args.batch, args.seq, args.new_tokens, args.seed, args.torch_compile)
@@ -59,19 +80,15 @@ def main(argv: list[str] | None = None) -> str:
     rtol = 2e-2 if args.dtype == "bfloat16" else 1e-4
     results: list[Result] = []
     for name in args.workloads.split(","):
-        if name not in WORKLOADS:
-            raise SystemExit(f"unknown workload {name!r}; choose from {list(WORKLOADS)}")
-        sides, tokens, flops = WORKLOADS[name](ctx)
-        res = time_sides(name, sides, tokens, flops, peak, warmup=args.warmup, reps=args.reps)
-        ref = next(r for r in res if r.side == "torch")
-        for r in res:
-            if r.side != "torch":
-                assert_equal_work(name, r.check_value, ref.check_value, rtol)
+        work = WORKLOADS[name](ctx)
+        res, artifacts = time_work(name, work, peak, warmup=args.warmup, reps=args.reps, memory=args.memory)
+        check_equal_work(name, work, res, artifacts, rtol)
         results.extend(res)
-        print(f"{name}: " + ", ".join(f"{r.side} {r.tokens_per_s:,.0f} tok/s" for r in res), flush=True)
+        print(f"{name}: " + ", ".join(f"{r.side} {r.tokens_per_s:,.1f} {r.unit}/s" for r in res), flush=True)
     meta = dict(machine=machine_description(), config=f"{args.preset} ({config.num_params() / 1e6:.1f}M params), "
                 f"batch {args.batch}, seq {args.seq}, {args.dtype}, jax {jax.__version__}, torch {torch.__version__}",
-                dtype=args.dtype, peak_jax=peak_jax, peak_torch=peak_torch, args=vars(args),
+                dtype=args.dtype, peak_jax=peak_jax, peak_torch=peak_torch, cpus=cpu_count(), torch_threads=threads,
+                load_average=None if load_start is None else (load_start, load_average()), args=vars(args),
                 model=dataclasses.asdict(config))
     text = write_tables(results, meta, args.out)
     print(text)

@@ -1,0 +1,228 @@
+"""Analysis workloads: Wanda/Antidote scoring of every linear layer and the ΔW SVD analysis of every layer.
+
+``wanda`` (shared/methods/04, 05): ``s_j = Σ_tokens x_j²`` (float32) for the input of every linear module over a
+calibration batch, scores ``|W_ij|·sqrt(s_j)``, and per output row the top α = 0.05 marked (Antidote's mask). JAX: one
+jitted function — a forward with capture of the four linear-input activations (q/k/v share ``attn_in``, o reads
+``attn_hidden``, gate/up share ``mlp_in``, down reads ``mlp_hidden``) and the scoring vmapped over layers. PyTorch:
+forward hooks on the linear modules (one per shared input, as the JAX side) and ``torch.topk`` per row, layer by
+layer, as the Wanda / Antidote code does.
+
+``svd``: ΔW = W_ft − W_pre for every linear weight of every layer; the library's ΔW column-space analysis
+(``analysis.weights.column_space_overlap``: SVD of ΔW and of W_pre, energy cut-off, top-k overlap) vmapped over the
+layer axis, one jitted function for all modules; PyTorch: the same computation with ``torch.linalg.svd`` batched over
+the stacked layers. Throughput is in matrices/s (ΔW matrices analysed, two SVDs each); MFU is n/a (see README).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from common import Work, block, forward_flops
+from context import BenchContext, jax_side, torch_side
+
+from safety_jax.analysis.weights import column_space_overlap, module_matrix
+from safety_jax.model.config import LlamaConfig
+from safety_jax.model.llama import LINEAR_MODULES, Params, forward
+
+ALPHA = 0.05            # Antidote's dense ratio (per-row top fraction)
+SVD_TOP_K = 10
+SVD_ENERGY = 0.9
+# linear module -> the captured activation that feeds it, and the HF module that carries the PyTorch hook
+LINEAR_INPUTS = {"attn.q": "attn_in", "attn.k": "attn_in", "attn.v": "attn_in", "attn.o": "attn_hidden",
+                 "mlp.gate": "mlp_in", "mlp.up": "mlp_in", "mlp.down": "mlp_hidden"}
+HF_LINEARS = {"attn.q": "self_attn.q_proj", "attn.k": "self_attn.k_proj", "attn.v": "self_attn.v_proj",
+              "attn.o": "self_attn.o_proj", "mlp.gate": "mlp.gate_proj", "mlp.up": "mlp.up_proj",
+              "mlp.down": "mlp.down_proj"}
+HOOKED = {"attn_in": "attn.q", "attn_hidden": "attn.o", "mlp_in": "mlp.gate", "mlp_hidden": "mlp.down"}
+
+
+def top_k_count(n_inputs: int, alpha: float = ALPHA) -> int:
+    """How many weights per output row the mask marks (Wanda's ``int(in · ratio)``)."""
+    return int(n_inputs * alpha)
+
+
+# ---------------------------------------------------------------------------------------------------- Wanda, JAX
+def row_top_mask(w: jax.Array, sq_norms: jax.Array, k: int) -> jax.Array:
+    """Antidote mask of one layer: w [out, in] (HF orientation), sq_norms [in] = Σ_tokens x_j² -> bool [out, in]
+    marking each row's k largest Wanda scores |W_ij|·sqrt(s_j)."""
+    scores = jnp.abs(w.astype(jnp.float32)) * jnp.sqrt(sq_norms)[None, :]
+    if k == 0:
+        return jnp.zeros(scores.shape, bool)
+    _, idx = jax.lax.top_k(scores, k)
+    return jnp.zeros(scores.shape, bool).at[jnp.arange(scores.shape[0])[:, None], idx].set(True)
+
+
+def wanda_masks(params: Params, tokens: jax.Array, config: LlamaConfig, alpha: float = ALPHA) -> dict[str, jax.Array]:
+    """Per linear module, the mask [L, out, in] from one captured forward over ``tokens: [B, T]``."""
+    _, cap = forward(params, tokens, config, capture=tuple(HOOKED))
+    # [L, B, T, ...in] -> [L, in]: squared input norms summed over the calibration tokens, in float32
+    sq = {name: jnp.sum(jnp.square(x.astype(jnp.float32)), axis=(1, 2)).reshape(x.shape[0], -1)
+          for name, x in cap.items()}
+    out = {}
+    for module in LINEAR_MODULES:
+        w = module_matrix(params, module)
+        out[module] = jax.vmap(functools.partial(row_top_mask, k=top_k_count(w.shape[-1], alpha)))(
+            w, sq[LINEAR_INPUTS[module]])
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------- Wanda, PyTorch
+def torch_wanda_masks(model: Any, ids: Any, alpha: float = ALPHA) -> dict[str, list[Any]]:
+    """The same with forward hooks: per module, a list over layers of bool masks [out, in]."""
+    import torch
+
+    layers = model.model.layers
+    sq: dict[tuple[int, str], Any] = {}
+    handles = []
+
+    def hook(key: tuple[int, str]):
+        def accumulate(module: Any, inputs: tuple[Any, ...], output: Any) -> None:
+            x = inputs[0]
+            s = x.float().square().sum(dim=tuple(range(x.ndim - 1)))
+            sq[key] = sq[key] + s if key in sq else s
+        return accumulate
+
+    for i, layer in enumerate(layers):
+        for name, module in HOOKED.items():
+            handles.append(layer.get_submodule(HF_LINEARS[module]).register_forward_hook(hook((i, name))))
+    try:
+        model.model(input_ids=ids)  # the decoder only: the scores never need the LM head
+    finally:
+        for h in handles:
+            h.remove()
+    masks: dict[str, list[Any]] = {m: [] for m in LINEAR_MODULES}
+    for i, layer in enumerate(layers):
+        for module in LINEAR_MODULES:
+            w = layer.get_submodule(HF_LINEARS[module]).weight
+            scores = w.abs().float() * sq[(i, LINEAR_INPUTS[module])].sqrt()[None, :]
+            mask = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
+            k = top_k_count(w.shape[1], alpha)
+            if k:
+                mask.scatter_(-1, torch.topk(scores, k, dim=-1, sorted=False).indices, True)
+            masks[module].append(mask)
+    return masks
+
+
+def _mask_fraction(masks: dict[str, Any]) -> float:
+    total = sum(float(np.sum(m)) for m in masks.values())
+    return total / sum(float(np.size(m)) for m in masks.values())
+
+
+def _compare_masks(a: dict[str, np.ndarray], b: dict[str, np.ndarray], tolerance: float = 1e-3) -> str:
+    """Masks must mark the same count per module and the same weights, but for at most a ``tolerance`` fraction
+    (near-ties of the scores, whose order rounding can flip between the two implementations)."""
+    differ = size = 0
+    for m in LINEAR_MODULES:
+        if a[m].shape != b[m].shape or a[m].sum() != b[m].sum():
+            raise RuntimeError(f"wanda: {m} masks differ in shape or count ({a[m].shape}, {a[m].sum()} vs "
+                               f"{b[m].shape}, {b[m].sum()})")
+        differ += int(np.sum(a[m] != b[m]))
+        size += a[m].size
+    if differ > tolerance * size:
+        raise RuntimeError(f"wanda: JAX and PyTorch masks disagree on {differ} of {size} weights")
+    return f"masks agree on {1 - differ / size:.4%}"
+
+
+def wanda_workload(ctx: BenchContext) -> Work:
+    """Wanda/Antidote scoring on a calibration batch [B, T]; tokens = B·T; FLOPs = the decoder's forward."""
+    config = ctx.config
+    tokens = jnp.asarray(ctx.tokens)
+    jitted = jax.jit(lambda params, tokens: wanda_masks(params, tokens, config))
+    to_host = lambda masks: {m: np.asarray(v) for m, v in masks.items()}
+    side = jax_side(jitted, (ctx.params, tokens), lambda f: block(f(ctx.params, tokens)),
+                    check=lambda masks: _mask_fraction(to_host(masks)), artifact=to_host)
+
+    ids = ctx.torch_tensor(ctx.tokens)
+    stack = lambda masks: {m: np.stack([x.cpu().numpy() for x in v]) for m, v in masks.items()}
+    t_side = torch_side(ctx, "torch", lambda: torch_wanda_masks(ctx.torch_model, ids),
+                        check=lambda masks: _mask_fraction(stack(masks)), artifact=stack)
+    b, t = ctx.tokens.shape
+    # bfloat16 activations round differently on the two sides, so many more scores near the cut swap places
+    tolerance = 5e-2 if config.compute_dtype == "bfloat16" else 1e-3
+    return Work([side, t_side], b * t, forward_flops(config, b, t, lm_head=False),
+                compare=functools.partial(_compare_masks, tolerance=tolerance))
+
+
+# ---------------------------------------------------------------------------------------------------- ΔW SVD
+def perturbed_weights(ctx: BenchContext) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """HF-oriented float32 stacks ``{module: [L, out, in]}`` of W_pre and W_ft = W_pre + ΔW, where ΔW is a small
+    rank-8 update plus noise (a fine-tuning-like spectrum: a few directions well above a noise floor)."""
+    rng = np.random.default_rng(ctx.seed + 3)
+    pre, ft = {}, {}
+    for module in LINEAR_MODULES:
+        w = np.asarray(module_matrix(ctx.params, module), np.float32)
+        n_layers, n_out, n_in = w.shape
+        low_rank = rng.standard_normal((n_layers, n_out, 8)) @ rng.standard_normal((n_layers, 8, n_in))
+        delta = 1e-3 * low_rank / np.sqrt(8) + 1e-4 * rng.standard_normal(w.shape)
+        pre[module], ft[module] = w, (w + delta).astype(np.float32)
+    return pre, ft
+
+
+def torch_column_space_overlap(w_pre: Any, w_ft: Any, top_k: int = SVD_TOP_K,
+                               energy: float = SVD_ENERGY) -> dict[str, Any]:
+    """``analysis.weights.column_space_overlap`` in PyTorch, batched over the layers of ``[L, out, in]`` stacks."""
+    import torch
+
+    def energy_mask(s: Any) -> Any:
+        e = s.square()
+        return (e.cumsum(-1) - e) / e.sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny) < energy
+
+    delta = w_ft - w_pre
+    u_d, s_d, _ = torch.linalg.svd(delta, full_matrices=False)
+    u_p, s_p, _ = torch.linalg.svd(w_pre, full_matrices=False)
+    keep = energy_mask(s_p)
+    basis = u_p * keep[:, None, :]
+    u = u_d[..., :top_k]
+    sin = torch.linalg.vector_norm(u - basis @ (basis.transpose(-1, -2) @ u), dim=-2)
+    tol = torch.finfo(torch.float32).eps * max(w_pre.shape[1:]) * torch.maximum(s_p[:, :1], s_d[:, :1])
+    sin = torch.where(s_d[:, :top_k] > tol, sin, torch.nan)
+    p = s_d / s_d.sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+    eff_rank = torch.exp(-torch.where(p > 0, p * torch.log(torch.where(p > 0, p, 1.0)), 0.0).sum(-1))
+    rel = torch.linalg.matrix_norm(delta) / torch.linalg.matrix_norm(w_pre).clamp_min(torch.finfo(torch.float32).tiny)
+    return {"sin_theta": sin, "delta_singular_values": s_d, "pre_singular_values": s_p,
+            "pre_energy_rank": keep.sum(-1), "delta_energy_rank": energy_mask(s_d).sum(-1),
+            "delta_effective_rank": eff_rank, "relative_norm": rel}
+
+
+def _spectra_checksum(stats: dict[str, dict[str, Any]]) -> float:
+    """Σ over modules and layers of ΔW's top-k singular values."""
+    return float(sum(np.asarray(s["delta_singular_values"])[:, :SVD_TOP_K].astype(np.float64).sum()
+                     for s in stats.values()))
+
+
+def _compare_spectra(a: dict[str, dict[str, np.ndarray]], b: dict[str, dict[str, np.ndarray]]) -> str:
+    """W_pre's spectra and energy ranks must match too; the top direction's sin θ is reported, not asserted."""
+    worst = 0.0
+    for m in LINEAR_MODULES:
+        sp_a, sp_b = a[m]["pre_singular_values"], b[m]["pre_singular_values"]
+        if not np.allclose(sp_a, sp_b, rtol=1e-3, atol=1e-5 * float(np.max(sp_b))):
+            raise RuntimeError(f"svd: W_pre spectra of {m} differ between JAX and PyTorch")
+        worst = max(worst, float(np.nanmax(np.abs(a[m]["sin_theta"][:, 0] - b[m]["sin_theta"][:, 0]))))
+    return f"sin θ₁ within {worst:.1e}"
+
+
+def svd_workload(ctx: BenchContext) -> Work:
+    """ΔW analysis of every linear weight of every layer; items = L × 7 matrices; MFU n/a."""
+    import torch
+
+    pre, ft = perturbed_weights(ctx)
+    j_pre = {m: jnp.asarray(v) for m, v in pre.items()}
+    j_ft = {m: jnp.asarray(v) for m, v in ft.items()}
+    analyse = jax.jit(lambda p, f: {m: column_space_overlap(p[m], f[m], top_k=SVD_TOP_K, energy=SVD_ENERGY)
+                                    for m in LINEAR_MODULES})
+    to_host = lambda stats: jax.tree.map(np.asarray, stats)
+    side = jax_side(analyse, (j_pre, j_ft), lambda f: block(f(j_pre, j_ft)),
+                    check=lambda s: _spectra_checksum(to_host(s)), artifact=to_host)
+
+    t_pre = {m: ctx.torch_tensor(v, torch.float32) for m, v in pre.items()}
+    t_ft = {m: ctx.torch_tensor(v, torch.float32) for m, v in ft.items()}
+    t_host = lambda stats: {m: {k: v.cpu().numpy() for k, v in s.items()} for m, s in stats.items()}
+    analyse_torch = lambda: {m: torch_column_space_overlap(t_pre[m], t_ft[m]) for m in LINEAR_MODULES}
+    t_side = torch_side(ctx, "torch", analyse_torch, check=lambda s: _spectra_checksum(t_host(s)),
+                        artifact=t_host)
+    n_matrices = ctx.config.num_hidden_layers * len(LINEAR_MODULES)
+    return Work([side, t_side], n_matrices, None, unit="matrices", rtol=1e-4, compare=_compare_spectra)
