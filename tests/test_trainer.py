@@ -56,10 +56,22 @@ def test_resume_after_interruption_is_bit_identical(tmp_path):
     loss = make_sft_loss(CONFIG)
     full, _ = train(loss, build_optimizer(ocfg, params), params, _iterator(),
                     TrainConfig(steps=12, log_every=4, progress=False), out_dir=str(tmp_path / "full"))
-    # the same run stopped after step 6 (a checkpoint every 3 steps), then started again from its folder
+    # the same run crashes during step 8, after its step-6 checkpoint (one every 3 steps), and is started again
     part = tmp_path / "part"
-    train(loss, build_optimizer(ocfg, params), params, _iterator(),
-          TrainConfig(steps=6, save_every=3, log_every=3, progress=False), out_dir=str(part))
+
+    def crash(params, step):
+        if step == 8:
+            raise KeyboardInterrupt("simulated kill")
+        return {}
+
+    with pytest.raises(KeyboardInterrupt):
+        train(loss, build_optimizer(ocfg, params), params, _iterator(),
+              TrainConfig(steps=12, save_every=3, eval_every=1, log_every=3, progress=False), out_dir=str(part),
+              eval_fn=crash)
+    from safety_jax.train.checkpoint import TrainCheckpointer
+
+    with TrainCheckpointer(part / "checkpoints") as ck:
+        assert ck.latest_step() == 6
     resumed, _ = train(loss, build_optimizer(ocfg, params), params, _iterator(),
                        TrainConfig(steps=12, save_every=3, log_every=3, progress=False), out_dir=str(part))
     assert int(resumed.step) == 12

@@ -192,39 +192,49 @@ def train(loss_fn: LossFn, optimizer: optax.GradientTransformation, params: Any,
     bar = _progress(cfg, start)
     window: list[dict[str, jax.Array]] = []
     t0 = time.perf_counter()
-    for step in range(start + 1, cfg.steps + 1):
-        batch = stack_micro_batches(next(it), cfg.grad_accum)
-        if mesh is not None:
-            _check_batch_divides(batch, mesh, batch_axes)
-            batch = {k: jax.device_put(v, jax.sharding.NamedSharding(
-                mesh, jax.sharding.PartitionSpec(None, batch_axes) if np.ndim(v) >= 2 else
-                jax.sharding.PartitionSpec())) for k, v in batch.items()}
-        state, metrics = step_fn(state, batch, aux)
-        window.append(metrics)
-        if step % cfg.log_every == 0 or step == cfg.steps:
-            host = {k: float(np.mean([float(m[k]) for m in window])) for k in window[0]}
-            host["steps_per_s"] = len(window) / (time.perf_counter() - t0)
-            window, t0 = [], time.perf_counter()
-            logger.log(step, host)
-            history.append({"step": step, **host})
+    try:
+        for step in range(start + 1, cfg.steps + 1):
+            batch = stack_micro_batches(next(it), cfg.grad_accum)
+            if mesh is not None:
+                batch = _shard_stacked_batch(batch, mesh, batch_axes)
+            state, metrics = step_fn(state, batch, aux)
+            window.append(metrics)
+            if step % cfg.log_every == 0 or step == cfg.steps:  # the only host sync: every log_every steps
+                host = {k: float(np.mean([float(m[k]) for m in window])) for k in window[0]}
+                host["steps_per_s"] = len(window) / (time.perf_counter() - t0)
+                window, t0 = [], time.perf_counter()
+                logger.log(step, host)
+                history.append({"step": step, **host})
+                if bar is not None:
+                    bar.set_postfix({k: f"{host[k]:.4g}" for k in ("loss", "grad_norm") if k in host})
+            if eval_fn is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps):
+                ev = dict(eval_fn(state.params, step))
+                logger.log(step, ev, prefix="eval")
+                history.append({"step": step, **{f"eval/{k}": float(v) for k, v in ev.items()}})
+            if ckpt is not None:
+                data_pos = batches.state() if hasattr(batches, "state") else None
+                ckpt.save(step, state, {"data": data_pos, "step": step}, force=step == cfg.steps)
             if bar is not None:
-                bar.set_postfix({k: f"{host[k]:.4g}" for k in ("loss", "grad_norm") if k in host})
-        if eval_fn is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps):
-            ev = dict(eval_fn(state.params, step))
-            logger.log(step, ev, prefix="eval")
-            history.append({"step": step, **{f"eval/{k}": float(v) for k, v in ev.items()}})
-        if ckpt is not None:
-            data_pos = batches.state() if hasattr(batches, "state") else None
-            ckpt.save(step, state, {"data": data_pos, "step": step}, force=step == cfg.steps)
+                bar.update(1)
+    finally:  # a crash still leaves every checkpoint already started complete on disk
         if bar is not None:
-            bar.update(1)
-    if bar is not None:
-        bar.close()
-    if ckpt is not None:
-        ckpt.wait_until_finished()
-        ckpt.close()
-    logger.close()
+            bar.close()
+        if ckpt is not None:
+            ckpt.close()
+        logger.close()
     return state, history
+
+
+def _shard_stacked_batch(batch: Batch, mesh: jax.sharding.Mesh, batch_axes: Any) -> dict[str, jax.Array]:
+    """Place a ``[n_micro, B, ...]`` batch on the mesh, splitting B over the batch axes."""
+    _check_batch_divides(batch, mesh, batch_axes)
+    P = jax.sharding.PartitionSpec
+
+    def put(v: Any) -> jax.Array:
+        spec = P(None, batch_axes) if np.ndim(v) >= 2 else P()
+        return jax.device_put(v, jax.sharding.NamedSharding(mesh, spec))
+
+    return {k: put(v) for k, v in batch.items()}
 
 
 def _check_batch_divides(batch: Batch, mesh: jax.sharding.Mesh, batch_axes: Any) -> None:
