@@ -91,7 +91,7 @@ def _group(rng, b, t, prefix="", prompt=4, pad_tail=0):
 @pytest.fixture(scope="module")
 def pair_batch():
     rng = np.random.default_rng(0)
-    batch = {**_group(rng, 3, 12, "chosen_"), **_group(rng, 3, 12, "rejected_", prompt=3, pad_tail=2)}
+    batch = {**_group(rng, 4, 12, "chosen_"), **_group(rng, 4, 12, "rejected_", prompt=3, pad_tail=2)}
     batch["rejected_loss_mask"][1, 5:] = 0  # a shorter completion
     return batch
 
@@ -117,17 +117,17 @@ def test_sequence_logps_matches_numpy_on_random_logits():
     logits = rng.normal(0, 3, (4, 9, 50)).astype(np.float32)
     tokens = rng.integers(0, 50, (4, 9))
     mask = rng.integers(0, 2, (4, 9))
-    sums, counts = L.sequence_logps(jnp.asarray(logits), jnp.asarray(tokens), jnp.asarray(mask))
+    sums, counts = jax.jit(L.sequence_logps)(logits, tokens, mask)
     ref_sums, ref_counts = np_seq_logps(logits, tokens, mask)
     np.testing.assert_allclose(np.asarray(sums), ref_sums, rtol=1e-6, atol=1e-6)
     np.testing.assert_array_equal(np.asarray(counts), ref_counts)
-    tok = np.asarray(L.token_logps(jnp.asarray(logits), jnp.asarray(tokens)))
+    tok = np.asarray(jax.jit(L.token_logps)(logits, tokens))
     assert np.all(tok[:, 0] == 0) and tok.shape == tokens.shape
 
 
 def test_sequence_logps_ignores_position_zero_of_the_mask():
     logits = jnp.zeros((1, 3, 4))
-    sums, counts = L.sequence_logps(logits, jnp.array([[1, 2, 3]]), jnp.array([[1, 1, 1]]))
+    sums, counts = jax.jit(L.sequence_logps)(logits, np.array([[1, 2, 3]]), np.array([[1, 1, 1]]))
     assert float(counts[0]) == 2 and math.isclose(float(sums[0]), 2 * math.log(0.25), rel_tol=1e-6)
 
 
@@ -140,7 +140,7 @@ def test_token_logps_match_transformers(style):
     with torch.no_grad():
         ref_logits = model(input_ids=torch.as_tensor(tokens)).logits
         ref = torch.log_softmax(ref_logits[:, :-1].double(), -1).gather(-1, torch.as_tensor(tokens)[:, 1:, None])
-    ours = L.token_logps(forward(params, jnp.asarray(tokens), config), jnp.asarray(tokens))
+    ours = jax.jit(lambda p, t: L.token_logps(forward(p, t, config), t))(params, tokens)
     np.testing.assert_allclose(np.asarray(ours)[:, 1:], ref[..., 0].numpy(), atol=1e-5, rtol=0)
 
 
@@ -150,8 +150,9 @@ def test_token_logps_match_transformers(style):
 def test_dpo_loss_from_logps_matches_numpy(loss_type, ls, beta_l):
     rng = np.random.default_rng(2)
     pc, pr, rc, rr = (rng.normal(-20, 8, 64).astype(np.float32) for _ in range(4))
-    losses, rew_c, rew_r = L.dpo_loss_from_logps(pc, pr, rc, rr, beta=BETA, loss_type=loss_type, label_smoothing=ls,
-                                                 beta_rejected=beta_l)
+    dpo = jax.jit(lambda *x: L.dpo_loss_from_logps(*x, beta=BETA, loss_type=loss_type, label_smoothing=ls,
+                                                   beta_rejected=beta_l))
+    losses, rew_c, rew_r = dpo(pc, pr, rc, rr)
     expected = np_dpo(pc.astype(np.float64), pr, rc, rr, BETA, loss_type, ls, beta_l)
     np.testing.assert_allclose(np.asarray(losses), expected, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(np.asarray(rew_c), BETA * (pc.astype(np.float64) - rc), rtol=1e-6, atol=1e-6)
@@ -196,7 +197,7 @@ def test_dpo_precomputed_reference_equals_on_the_fly(models, pair_batch):
     policy, ref = models
     loss_fn = _loss("dpo", beta=BETA, loss_type="sigmoid")
     [with_ref] = L.precompute_reference_logps(ref, CONFIG, [pair_batch])
-    assert with_ref["ref_chosen_logps"].shape == (3,)
+    assert with_ref["ref_chosen_logps"].shape == (4,)
     a, _ = loss_fn(policy, with_ref, None)
     b, _ = loss_fn(policy, pair_batch, {"ref_params": ref})
     assert abs(float(a) - float(b)) < 1e-6
@@ -222,7 +223,7 @@ def test_example_mask_drops_filler_rows(models, pair_batch):
     loss_fn = _loss("dpo", beta=BETA, loss_type="sigmoid")
     full, _ = loss_fn(policy, pair_batch, {"ref_params": ref})
     padded = {k: np.concatenate([v, v[:1]]) for k, v in pair_batch.items()}
-    padded["example_mask"] = np.array([1, 1, 1, 0], np.int32)
+    padded["example_mask"] = np.array([1, 1, 1, 1, 0], np.int32)
     masked, _ = loss_fn(policy, padded, {"ref_params": ref})
     assert abs(float(full) - float(masked)) < 1e-6
 
@@ -275,22 +276,22 @@ def test_gradient_ascent_and_difference_match_numpy(models, sft_batch):
 def test_npo_from_nll_matches_numpy_and_is_2_log2_over_beta_at_reference():
     rng = np.random.default_rng(4)
     nll, ref = rng.normal(30, 10, 32).astype(np.float32), rng.normal(30, 10, 32).astype(np.float32)
-    np.testing.assert_allclose(np.asarray(L.npo_loss_from_nll(nll, ref, beta=BETA)),
-                               np_npo(nll.astype(np.float64), ref, BETA), rtol=1e-6)
-    assert abs(float(L.npo_loss_from_nll(nll, nll, beta=BETA)[0]) - 2 / BETA * math.log(2)) < 1e-5
+    npo = jax.jit(lambda a, b: L.npo_loss_from_nll(a, b, beta=BETA))
+    np.testing.assert_allclose(np.asarray(npo(nll, ref)), np_npo(nll.astype(np.float64), ref, BETA), rtol=1e-6)
+    assert abs(float(npo(nll, nll)[0]) - 2 / BETA * math.log(2)) < 1e-5
 
 
 def test_npo_loss_on_model(models, sft_batch):
     policy, ref = models
-    loss_fn = _loss("npo", beta=BETA)
-    at_ref, _ = loss_fn(policy, sft_batch, {"ref_params": policy})
-    assert abs(float(at_ref) - 2 / BETA * math.log(2)) < 1e-5  # 13.86
-    loss, _ = loss_fn(policy, sft_batch, {"ref_params": ref})
+    loss_fn = _loss("npo", beta=BETA, retain_weight=0.5)  # NPO + 0.5·NLL(retain)
+    _, at_ref = loss_fn(policy, sft_batch, {"ref_params": policy})
+    assert abs(float(at_ref["npo_loss"]) - 2 / BETA * math.log(2)) < 1e-5  # 13.86
+    loss, metrics = loss_fn(policy, sft_batch, {"ref_params": ref})
     nll = -np_seq_logps(_logits(policy, sft_batch, ""), sft_batch["tokens"], sft_batch["loss_mask"])[0]
     ref_nll = -np_seq_logps(_logits(ref, sft_batch, ""), sft_batch["tokens"], sft_batch["loss_mask"])[0]
-    assert abs(float(loss) - np_npo(nll, ref_nll, BETA).mean()) < 1e-5
-    with_rt, _ = _loss("npo", beta=BETA, retain_weight=1.0)(policy, sft_batch, {"ref_params": ref})
-    assert abs(float(with_rt) - float(loss) - _np_token_mean_nll(policy, sft_batch, "retain_")) < 1e-5
+    npo = np_npo(nll, ref_nll, BETA).mean()
+    assert abs(float(metrics["npo_loss"]) - npo) < 1e-5
+    assert abs(float(loss) - npo - 0.5 * _np_token_mean_nll(policy, sft_batch, "retain_")) < 1e-5
 
 
 def test_npo_gradient_tends_to_gradient_ascent_as_beta_goes_to_zero():

@@ -92,13 +92,44 @@ def cpu_count() -> int:
         return os.cpu_count() or 1
 
 
-def set_torch_threads(n: int | None = None) -> int:
-    """Give PyTorch's intra-op pool ``n`` threads (default: the CPU count, as XLA's CPU pool uses)."""
+def set_threads(n: int | None = None) -> int:
+    """Give every CPU thread pool the benchmark reaches ``n`` threads (default: the CPU count): PyTorch's intra-op
+    pool (OpenMP, MKL) and the OpenBLAS libraries loaded in the process — scipy's, which backs JAX's CPU LAPACK
+    kernels (``lapack_sgesdd_ffi`` for SVD), and numpy's. XLA's own CPU pool is sized at start-up (one thread per
+    core). Returns ``n``.
+    """
     import torch
 
     n = n or cpu_count()
     torch.set_num_threads(n)
+    set_openblas_threads(n)
     return n
+
+
+def set_openblas_threads(n: int) -> list[str]:
+    """Call ``openblas_set_num_threads`` (whatever its symbol prefix) in every OpenBLAS loaded in this process; returns
+    the libraries set. OpenBLAS otherwise starts one busy-waiting thread per core, which on a shared machine turns
+    each BLAS/LAPACK call into a wait for a descheduled thread (see README.md)."""
+    import ctypes
+
+    import scipy.linalg.cython_lapack  # noqa: F401  (loads the OpenBLAS that jaxlib's LAPACK kernels call)
+
+    try:
+        with open("/proc/self/maps") as f:
+            libs = sorted({line.split()[-1] for line in f if "openblas" in line.lower() and ".so" in line})
+    except OSError:  # not Linux
+        return []
+    done = []
+    for path in libs:
+        lib = ctypes.CDLL(path)
+        for symbol in ("scipy_openblas_set_num_threads", "scipy_openblas_set_num_threads64_",
+                       "openblas_set_num_threads", "openblas_set_num_threads64_"):
+            fn = getattr(lib, symbol, None)
+            if fn is not None:
+                fn(ctypes.c_int(n))
+                done.append(os.path.basename(path))
+                break
+    return done
 
 
 def load_average() -> float | None:

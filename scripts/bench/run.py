@@ -16,6 +16,7 @@ import argparse
 import dataclasses
 import os
 import sys
+import time
 
 import jax
 import numpy as np
@@ -29,7 +30,7 @@ from common import (  # noqa: E402
     load_average,
     machine_description,
     measure_matmul_peak,
-    set_torch_threads,
+    set_threads,
     time_work,
     torch_matmul_peak,
     write_tables,
@@ -52,7 +53,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--torch-compile", action="store_true", help="also time torch.compile where it works")
-    p.add_argument("--torch-threads", type=int, default=None, help="PyTorch intra-op threads (default: CPU count)")
+    p.add_argument("--threads", "--torch-threads", dest="threads", type=int, default=None,
+                   help="threads of PyTorch's intra-op pool and of OpenBLAS (JAX's CPU LAPACK); default: CPU count")
     p.add_argument("--no-memory", dest="memory", action="store_false",
                    help="skip the peak-memory measurement (one extra, profiled run per PyTorch side)")
     p.add_argument("--out", default=None, help="folder for bench.md and bench.json")
@@ -70,7 +72,7 @@ def main(argv: list[str] | None = None) -> str:
     import torch
 
     load_start = load_average()
-    threads = set_torch_threads(args.torch_threads)
+    threads = set_threads(args.threads)
     torch.manual_seed(args.seed)
     config = get_preset(args.preset, param_dtype=args.dtype, compute_dtype=args.dtype)
     ctx = BenchContext.build(config, args.batch, args.seq, args.new_tokens, args.seed, args.torch_compile)
@@ -80,14 +82,16 @@ def main(argv: list[str] | None = None) -> str:
     rtol = 2e-2 if args.dtype == "bfloat16" else 1e-4
     results: list[Result] = []
     for name in args.workloads.split(","):
+        t0 = time.perf_counter()
         work = WORKLOADS[name](ctx)
         res, artifacts = time_work(name, work, peak, warmup=args.warmup, reps=args.reps, memory=args.memory)
         check_equal_work(name, work, res, artifacts, rtol)
         results.extend(res)
-        print(f"{name}: " + ", ".join(f"{r.side} {r.tokens_per_s:,.1f} {r.unit}/s" for r in res), flush=True)
+        print(f"{name}: " + ", ".join(f"{r.side} {r.tokens_per_s:,.1f} {r.unit}/s" for r in res)
+              + f" ({time.perf_counter() - t0:.0f} s)", flush=True)
     meta = dict(machine=machine_description(), config=f"{args.preset} ({config.num_params() / 1e6:.1f}M params), "
                 f"batch {args.batch}, seq {args.seq}, {args.dtype}, jax {jax.__version__}, torch {torch.__version__}",
-                dtype=args.dtype, peak_jax=peak_jax, peak_torch=peak_torch, cpus=cpu_count(), torch_threads=threads,
+                dtype=args.dtype, peak_jax=peak_jax, peak_torch=peak_torch, cpus=cpu_count(), threads=threads,
                 load_average=None if load_start is None else (load_start, load_average()), args=vars(args),
                 model=dataclasses.asdict(config))
     text = write_tables(results, meta, args.out)

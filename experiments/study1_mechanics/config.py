@@ -1,0 +1,168 @@
+"""Study 1 configuration: typed, frozen dataclasses read from YAML with dotted ``key=value`` overrides.
+
+``load_config("demo", ["pretrain.steps=300", "finetune.lrs={eta_M: 3e-4}"])`` reads ``demo.yaml`` next to this file
+(or any YAML path), applies the overrides (values parsed as YAML) and validates every key: an unknown key is an error
+that lists the known ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import yaml
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+METHODS = ("ssft", "dpo", "dpo_standard", "unlearning")
+
+
+@dataclasses.dataclass(frozen=True)
+class WorldSpec:
+    """The synthetic world: a preset of ``data.synthetic`` plus field overrides, and the test-set size."""
+
+    preset: str = "demo"
+    overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
+    n_test: int = 256          # examples per test set
+    grammars: list[int] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """A ``model.config`` preset plus field overrides (vocab_size stays the preset's 64 >= the world's 59 ids)."""
+
+    preset: str = "synthetic"
+    overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class PretrainSpec:
+    """Pretraining (reference: AdamW (0.9, 0.95), wd 1e-4, lr 1e-3, warmup + cosine, clip 1, batch 512, 100k steps)."""
+
+    steps: int = 1000
+    batch_size: int = 64
+    lr: float = 1e-3
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 1e-4
+    clip_norm: float = 1.0
+    save_every: int = 0        # orbax checkpoints for resuming an interrupted stage (0: at the end only)
+
+
+@dataclasses.dataclass(frozen=True)
+class FinetuneSpec:
+    """Safety fine-tuning: each method at each learning rate; batches all-safe or all-unsafe (unsafe w.p.
+    ``unsafe_frac``). DPO: the study's asymmetric variant (β_w, β_l, length-normalised by T−1) and standard sigmoid
+    DPO (β, summed log-probs); unlearning ℓ(chosen) − ``rejected_weight``·ℓ(rejected)."""
+
+    methods: list[str] = dataclasses.field(default_factory=lambda: list(METHODS))
+    lrs: dict[str, float] = dataclasses.field(default_factory=lambda: {"eta_M": 1e-4, "eta_S": 1e-5})
+    steps: int = 200
+    batch_size: int = 32
+    unsafe_frac: float = 0.2
+    warmup_steps: int = 0
+    weight_decay: float = 1e-4
+    beta_chosen: float = 0.1
+    beta_rejected: float = 0.01
+    beta_standard: float = 0.1
+    rejected_weight: float = 0.1
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSpec:
+    """Evaluation batch size (one compile per kernel; the last batch is padded)."""
+
+    batch_size: int = 256
+
+
+@dataclasses.dataclass(frozen=True)
+class AnalysisSpec:
+    """Analyses of Jain et al. 2024: τ window, ΔW spectra, α-interpolation, Lipschitzness, soft-token attacks."""
+
+    tau_width: int = 10
+    top_k: int = 10
+    energy: float = 0.9
+    alphas: list[float] = dataclasses.field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5])
+    n_examples: int = 128      # examples per set for Lipschitzness and α-interpolation
+    attack_n: int = 64         # unsafe examples attacked
+    attack_num_soft: list[int] = dataclasses.field(default_factory=lambda: [1, 2, 4])
+    attack_rounds: int = 3
+    attack_steps_per_round: int = 20
+    attack_lr: float = 0.1
+
+
+@dataclasses.dataclass(frozen=True)
+class StudyConfig:
+    """One run of study 1. ``notes`` says what a small config shrank (printed in the report)."""
+
+    name: str = "demo"
+    seed: int = 0
+    notes: str = ""
+    world: WorldSpec = dataclasses.field(default_factory=WorldSpec)
+    model: ModelSpec = dataclasses.field(default_factory=ModelSpec)
+    pretrain: PretrainSpec = dataclasses.field(default_factory=PretrainSpec)
+    finetune: FinetuneSpec = dataclasses.field(default_factory=FinetuneSpec)
+    eval: EvalSpec = dataclasses.field(default_factory=EvalSpec)
+    analysis: AnalysisSpec = dataclasses.field(default_factory=AnalysisSpec)
+
+    def __post_init__(self) -> None:
+        unknown = [m for m in self.finetune.methods if m not in METHODS]
+        if unknown:
+            raise ValueError(f"finetune.methods: unknown {unknown}; known: {', '.join(METHODS)}")
+        if not self.finetune.lrs:
+            raise ValueError("finetune.lrs is empty: give at least one {name: learning rate}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _build(cls: type, data: dict[str, Any], where: str) -> Any:
+    """Build dataclass ``cls`` from ``data``, recursing into dataclass-typed fields; unknown keys are errors."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ValueError(f"config {where or 'top level'}: unknown key(s) {unknown}; known: {sorted(fields)}")
+    kwargs = {}
+    for name, value in data.items():
+        sub = {"world": WorldSpec, "model": ModelSpec, "pretrain": PretrainSpec, "finetune": FinetuneSpec,
+               "eval": EvalSpec, "analysis": AnalysisSpec}.get(name) if cls is StudyConfig else None
+        if sub is not None:
+            if not isinstance(value, dict):
+                raise ValueError(f"config {name}: expected a mapping, got {value!r}")
+            value = _build(sub, value, name)
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    for p in parts[:-1]:
+        node = tree.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ValueError(f"override {dotted}: '{p}' is not a section")
+        tree = node
+    tree[parts[-1]] = value
+
+
+def config_path(name_or_path: str) -> str:
+    """``demo`` / ``quick`` / ``reference`` -> the YAML next to this file; anything else is a path."""
+    if os.path.exists(name_or_path):
+        return name_or_path
+    path = os.path.join(HERE, f"{name_or_path}.yaml")
+    if not os.path.exists(path):
+        known = sorted(f[:-5] for f in os.listdir(HERE) if f.endswith(".yaml"))
+        raise FileNotFoundError(f"no config {name_or_path!r}: not a file, and not one of {known}")
+    return path
+
+
+def load_config(name_or_path: str, overrides: Sequence[str] = ()) -> StudyConfig:
+    """Read a YAML config and apply ``key.sub=value`` overrides (values parsed as YAML)."""
+    with open(config_path(name_or_path)) as f:
+        data = yaml.safe_load(f) or {}
+    for item in overrides:
+        key, eq, raw = item.partition("=")
+        if not eq or not key:
+            raise ValueError(f"override {item!r} must look like section.key=value")
+        _set_dotted(data, key.strip(), yaml.safe_load(raw))
+    return _build(StudyConfig, data, "")
