@@ -146,3 +146,24 @@ def test_lora_config_errors(tmp_path):
         LoraConfig(rank=0)
     with pytest.raises(FileNotFoundError, match="save_lora"):
         load_lora(tmp_path)
+
+
+def test_lora_dropout_is_seeded_and_off_without_rng(params):
+    lora_cfg = LoraConfig(rank=4, alpha=8, dropout=0.5, targets=("attn.q", "mlp.down"))
+    lora = random_adapters(lora_cfg)
+    tokens = jnp.arange(24, dtype=jnp.int32).reshape(2, 12) % CONFIG.vocab_size
+    kw = dict(lora=lora, lora_scale=lora_cfg.scale)
+    plain = forward(params, tokens, CONFIG, **kw)
+    no_rng = forward(params, tokens, CONFIG, lora_dropout=0.5, **kw)
+    k1 = jax.random.key_data(jax.random.key(1))
+    k2 = jax.random.key_data(jax.random.key(2))
+    a = forward(params, tokens, CONFIG, lora_dropout=0.5, dropout_rng=k1, **kw)
+    b = forward(params, tokens, CONFIG, lora_dropout=0.5, dropout_rng=k1, **kw)
+    c = forward(params, tokens, CONFIG, lora_dropout=0.5, dropout_rng=k2, **kw)
+    np.testing.assert_array_equal(np.asarray(plain), np.asarray(no_rng))
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert float(jnp.abs(a - plain).max()) > 1e-4 and float(jnp.abs(a - c).max()) > 1e-4
+    # without adapters, dropout has nothing to act on
+    base = forward(params, tokens, CONFIG)
+    np.testing.assert_array_equal(np.asarray(base), np.asarray(forward(params, tokens, CONFIG, lora_dropout=0.5,
+                                                                       dropout_rng=k1)))

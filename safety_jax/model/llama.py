@@ -155,22 +155,28 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return x * cos + jnp.concatenate([-x2, x1], axis=-1) * sin
 
 
-def _lora_delta(x: jax.Array, lora_m: dict | None, in_eq: str, out_eq: str, scale: float) -> jax.Array | float:
+def _lora_delta(x: jax.Array, lora_m: dict | None, in_eq: str, out_eq: str, scale: float,
+                dropout: tuple[float, jax.Array] | None = None) -> jax.Array | float:
     if lora_m is None:
         return 0.0
+    if dropout is not None:  # inverted dropout on the adapter input only (PEFT's lora_dropout)
+        rate, key = dropout
+        keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+        x = jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
     z = jnp.einsum(f"{in_eq}->btr", x, lora_m["a"].astype(x.dtype))
     return scale * jnp.einsum(f"btr,{out_eq}", z, lora_m["b"].astype(x.dtype))
 
 
-def _linear(x: jax.Array, w: jax.Array, eq: str, lora_m: dict | None, lora_scale: float) -> jax.Array:
-    """``einsum(eq, x, w)`` plus the LoRA path ``scale · (x A) B`` when adapters are given."""
+def _linear(x: jax.Array, w: jax.Array, eq: str, lora_m: dict | None, lora_scale: float,
+            dropout: tuple[float, jax.Array] | None = None) -> jax.Array:
+    """``einsum(eq, x, w)`` plus the LoRA path ``scale · (dropout(x) A) B`` when adapters are given."""
     y = jnp.einsum(eq, x, w.astype(x.dtype))
     if lora_m is not None:
         ins, out = eq.split("->")
         x_eq, w_eq = ins.split(",")
         in_letters = "".join(c for c in w_eq if c in x_eq and c not in "bt")
         out_letters = "".join(c for c in w_eq if c not in in_letters)
-        y = y + _lora_delta(x, lora_m, f"{x_eq},{in_letters}r", f"r{out_letters}->{out}", lora_scale)
+        y = y + _lora_delta(x, lora_m, f"{x_eq},{in_letters}r", f"r{out_letters}->{out}", lora_scale, dropout)
     return y
 
 
@@ -200,7 +206,8 @@ def _gather_positions(x: jax.Array, idx: jax.Array | None) -> jax.Array:
 def _decoder(params: Params, tokens: jax.Array, config: LlamaConfig, *, positions: jax.Array,
              kv_valid: jax.Array, q_slots: jax.Array, cache: dict | None, capture: Sequence[str],
              capture_positions: jax.Array | None, interventions: Sequence[Intervention], lora: Params | None,
-             lora_scale: float, remat: bool, input_embeds: jax.Array | None):
+             lora_scale: float, remat: bool, input_embeds: jax.Array | None, lora_dropout: float = 0.0,
+             dropout_rng: jax.Array | None = None):
     dtype = config.dtype
     if input_embeds is not None:
         x = input_embeds.astype(dtype)
@@ -214,6 +221,12 @@ def _decoder(params: Params, tokens: jax.Array, config: LlamaConfig, *, position
     def block(x, layer):
         w, lw, ivs, layer_cache = layer["w"], layer["lora"], layer["iv"], layer["cache"]
         ivp = tuple(zip(iv_static, ivs))
+
+        def drop(i: int) -> tuple[float, jax.Array] | None:
+            if layer["rng"] is None:
+                return None
+            return lora_dropout, jax.random.fold_in(jax.random.wrap_key_data(layer["rng"]), i)
+
         caps: dict[str, jax.Array] = {}
 
         def keep(name, value):
@@ -225,9 +238,9 @@ def _decoder(params: Params, tokens: jax.Array, config: LlamaConfig, *, position
         h = rms_norm(x, w["attn_norm"], eps)
         keep("attn_in", h)
         la = lw.get("attn", {})
-        q = _linear(h, w["attn"]["q"], "btd,dnh->btnh", la.get("q"), lora_scale)
-        k = _linear(h, w["attn"]["k"], "btd,dkh->btkh", la.get("k"), lora_scale)
-        v = _linear(h, w["attn"]["v"], "btd,dkh->btkh", la.get("v"), lora_scale)
+        q = _linear(h, w["attn"]["q"], "btd,dnh->btnh", la.get("q"), lora_scale, drop(0))
+        k = _linear(h, w["attn"]["k"], "btd,dkh->btkh", la.get("k"), lora_scale, drop(1))
+        v = _linear(h, w["attn"]["v"], "btd,dkh->btkh", la.get("v"), lora_scale, drop(2))
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         new_cache = None
         if layer_cache is not None:
@@ -238,7 +251,7 @@ def _decoder(params: Params, tokens: jax.Array, config: LlamaConfig, *, position
             k, v = k_all.astype(dtype), v_all.astype(dtype)
         attn = _attention(q, k, v, q_slots, kv_valid)
         keep("attn_hidden", attn)
-        attn_out = _linear(attn, w["attn"]["o"], "btnh,nhd->btd", la.get("o"), lora_scale)
+        attn_out = _linear(attn, w["attn"]["o"], "btnh,nhd->btd", la.get("o"), lora_scale, drop(3))
         attn_out = apply_interventions(attn_out, ivp, "attn_out")
         keep("attn_out", attn_out)
         x = x + attn_out
@@ -246,11 +259,11 @@ def _decoder(params: Params, tokens: jax.Array, config: LlamaConfig, *, position
         h = rms_norm(x, w["mlp_norm"], eps)
         keep("mlp_in", h)
         lm = lw.get("mlp", {})
-        gate = _linear(h, w["mlp"]["gate"], "btd,df->btf", lm.get("gate"), lora_scale)
-        up = _linear(h, w["mlp"]["up"], "btd,df->btf", lm.get("up"), lora_scale)
+        gate = _linear(h, w["mlp"]["gate"], "btd,df->btf", lm.get("gate"), lora_scale, drop(4))
+        up = _linear(h, w["mlp"]["up"], "btd,df->btf", lm.get("up"), lora_scale, drop(5))
         hidden = jax.nn.silu(gate) * up
         keep("mlp_hidden", hidden)
-        mlp_out = _linear(hidden, w["mlp"]["down"], "btf,fd->btd", lm.get("down"), lora_scale)
+        mlp_out = _linear(hidden, w["mlp"]["down"], "btf,fd->btd", lm.get("down"), lora_scale, drop(6))
         mlp_out = apply_interventions(mlp_out, ivp, "mlp_out")
         keep("mlp_out", mlp_out)
         x = x + mlp_out
@@ -262,7 +275,9 @@ def _decoder(params: Params, tokens: jax.Array, config: LlamaConfig, *, position
         block = jax.checkpoint(block, policy=jax.checkpoint_policies.nothing_saveable)
 
     per_layer_iv = tuple({"direction": iv.direction, "coeff": iv.coeff, "layers": iv.layers} for iv in iv_static)
-    xs: dict[str, Any] = {"w": params["layers"], "lora": lora_layers, "iv": per_layer_iv, "cache": None}
+    xs: dict[str, Any] = {"w": params["layers"], "lora": lora_layers, "iv": per_layer_iv, "cache": None, "rng": None}
+    if lora and lora_dropout > 0.0 and dropout_rng is not None:
+        xs["rng"] = jax.random.key_data(jax.random.split(_as_key(dropout_rng), config.num_hidden_layers))
     if cache is not None:
         n_layers = config.num_hidden_layers
         xs["cache"] = {"k": cache["k"], "v": cache["v"],
@@ -299,7 +314,7 @@ def forward(params: Params, tokens: jax.Array, config: LlamaConfig, *, attention
             positions: jax.Array | None = None, capture: Sequence[str] | str | None = None,
             capture_positions: jax.Array | None = None, interventions: Sequence[Intervention] = (),
             lora: Params | None = None, lora_scale: float = 1.0, remat: bool = False,
-            input_embeds: jax.Array | None = None):
+            input_embeds: jax.Array | None = None, lora_dropout: float = 0.0, dropout_rng: jax.Array | None = None):
     """Run the decoder on ``tokens: [B, T]``.
 
     attention_mask: [B, T], 1 for real tokens, 0 for padding (left or right). positions: [B, T] RoPE positions
@@ -307,6 +322,7 @@ def forward(params: Params, tokens: jax.Array, config: LlamaConfig, *, attention
     or ``[L, B, P, ...]`` when ``capture_positions: [B, P]`` picks positions inside the computation.
     interventions: :class:`Intervention` edits of the stream. lora: adapter pytree (see ``safety_jax.model.lora``).
     input_embeds: [B, T, D] to replace the token embeddings (soft-token attacks, gradients w.r.t. embeddings).
+    lora_dropout / dropout_rng: dropout on the adapters' inputs during training (off without an rng).
 
     Returns float32 logits [B, T, V], or ``(logits, captured)`` when ``capture`` is given.
     """
@@ -321,7 +337,8 @@ def forward(params: Params, tokens: jax.Array, config: LlamaConfig, *, attention
     logits, captured, _ = _decoder(
         params, tokens, config, positions=positions, kv_valid=kv_valid, q_slots=jnp.arange(t), cache=None,
         capture=capture, capture_positions=capture_positions, interventions=tuple(interventions), lora=lora,
-        lora_scale=lora_scale, remat=remat, input_embeds=input_embeds)
+        lora_scale=lora_scale, remat=remat, input_embeds=input_embeds, lora_dropout=lora_dropout,
+        dropout_rng=dropout_rng)
     return (logits, captured) if capture else logits
 
 
@@ -353,6 +370,11 @@ def forward_cached(params: Params, tokens: jax.Array, config: LlamaConfig, cache
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
+def _as_key(rng: jax.Array) -> jax.Array:
+    """A typed PRNG key from a typed key or raw uint32 key data."""
+    return rng if jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key) else jax.random.wrap_key_data(rng)
+
+
 def _set_path(tree: dict, dotted: str, value: Any) -> None:
     parts = dotted.split(".")
     for p in parts[:-1]:

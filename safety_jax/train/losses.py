@@ -102,9 +102,7 @@ def add_loss_normalizers(micro_batches: Mapping[str, Any]) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------------------------------- the model call
 def _check_lora(lora_cfg: LoraConfig | None) -> None:
-    if lora_cfg is not None and lora_cfg.dropout > 0:
-        raise NotImplementedError(
-            f"LoraConfig.dropout={lora_cfg.dropout}: llama.forward has no rng for LoRA dropout yet; use dropout=0")
+    """LoRA dropout draws from ``batch["dropout_rng"]`` (raw key data the trainer adds per micro-batch)."""
 
 
 def _group_inputs(batch: Batch, prefix: str) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
@@ -119,8 +117,10 @@ def _logits(params: Params, tokens, attention_mask, positions, config: LlamaConf
     if lora is not None and lora_cfg is None:
         raise ValueError("params carry LoRA adapters: build the loss with lora_cfg=LoraConfig(...) for the scale")
     scale = lora_cfg.scale if lora is not None else 1.0
+    rng = kw.pop("dropout_rng", None)
+    dropout = lora_cfg.dropout if (lora is not None and rng is not None) else 0.0
     return forward(base, tokens, config, attention_mask=attention_mask, positions=positions, lora=lora,
-                   lora_scale=scale, remat=remat, **kw)
+                   lora_scale=scale, remat=remat, lora_dropout=dropout, dropout_rng=rng if dropout else None, **kw)
 
 
 def _pair_inputs(batch: Batch, a: str, b: str) -> tuple[jax.Array, jax.Array, Any, Any]:
@@ -153,7 +153,7 @@ def _missing_ref(key: str) -> ValueError:
 def _token_nll(params: Params, batch: Batch, prefix: str, config, lora_cfg, remat) -> tuple[jax.Array, Metrics]:
     """Summed completion NLL / normaliser (``{p}loss_normalizer`` or this batch's target-token count)."""
     tokens, attn, pos = _group_inputs(batch, prefix)
-    logits = _logits(params, tokens, attn, pos, config, lora_cfg, remat)
+    logits = _logits(params, tokens, attn, pos, config, lora_cfg, remat, dropout_rng=batch.get("dropout_rng"))
     m = target_mask(batch[prefix + "loss_mask"])
     nll = -jnp.sum(token_logps(logits, tokens) * m)
     count = jnp.sum(m)
@@ -234,7 +234,7 @@ def dpo_loss_from_logps(chosen: jax.Array, rejected: jax.Array, ref_chosen: jax.
 def _pair_logps(params, batch, config, lora_cfg, remat) -> tuple[jax.Array, ...]:
     """Summed log-probs and counts of the chosen and rejected groups in one forward, plus the two mean logits."""
     tokens, mask, attn, pos = _pair_inputs(batch, "chosen_", "rejected_")
-    logits = _logits(params, tokens, attn, pos, config, lora_cfg, remat)
+    logits = _logits(params, tokens, attn, pos, config, lora_cfg, remat, dropout_rng=batch.get("dropout_rng"))
     sums, counts = sequence_logps(logits, tokens, mask)
     b = batch["chosen_tokens"].shape[0]
     mean_logits = (masked_mean_logits(logits[:b], mask[:b]), masked_mean_logits(logits[b:], mask[b:]))

@@ -104,6 +104,8 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
             return (grads_acc,), metrics
 
         zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+        step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+        batch = {**batch, "dropout_rng": jax.random.key_data(jax.random.split(step_key, n_micro))}
         (grads,), metrics = jax.lax.scan(micro, (zeros,), batch)
         grads = jax.tree.map(lambda g, p: (g / n_micro).astype(p.dtype), grads, state.params)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
