@@ -335,12 +335,9 @@ def test_synthetic_unlearning_loss_matches_numpy(models, pair_batch):
     assert abs(float(loss) - (nll["chosen_"] - 0.1 * nll["rejected_"]).mean()) < 1e-6
 
 
-def test_unknown_loss_and_lora_dropout_are_rejected():
-    from safety_jax.model.lora import LoraConfig
+def test_unknown_loss_and_loss_type_are_rejected():
     with pytest.raises(ValueError, match="unknown loss"):
         L.make_loss("dpoo", CONFIG)
-    with pytest.raises(NotImplementedError, match="dropout"):
-        L.make_loss("sft", CONFIG, lora_cfg=LoraConfig(dropout=0.1))
     with pytest.raises(ValueError, match="loss_type"):
         L.make_dpo_loss(CONFIG, loss_type="kto")
 
