@@ -18,8 +18,15 @@ import os
 import sys
 import time
 
-import jax
-import numpy as np
+# Thread pools that sleep when idle instead of spinning: on a machine shared with other processes a spinning worker
+# holds a core the others need, and every parallel region then waits for a descheduled thread (README.md, measured:
+# a tiny PyTorch forward at 2 threads took 400 ms with OpenMP's default spin-wait, 10 ms with PASSIVE). Read when the
+# libraries load, so set before anything imports torch, jax or scipy; an explicit environment setting wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")  # OpenBLAS workers spin 2^4 cycles, not 2^28, before sleeping
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -93,6 +100,7 @@ def main(argv: list[str] | None = None) -> str:
                 f"batch {args.batch}, seq {args.seq}, {args.dtype}, jax {jax.__version__}, torch {torch.__version__}",
                 dtype=args.dtype, peak_jax=peak_jax, peak_torch=peak_torch, cpus=cpu_count(), threads=threads,
                 load_average=None if load_start is None else (load_start, load_average()), args=vars(args),
+                env={k: os.environ.get(k) for k in ("OMP_WAIT_POLICY", "OPENBLAS_THREAD_TIMEOUT", "XLA_FLAGS")},
                 model=dataclasses.asdict(config))
     text = write_tables(results, meta, args.out)
     print(text)

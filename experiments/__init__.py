@@ -1,0 +1,1 @@
+"""Study runners: one folder per study (configs, the runner chaining library calls, a README)."""

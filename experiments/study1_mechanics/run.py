@@ -1,0 +1,296 @@
+"""Study 1 — what makes and breaks safety fine-tuning (Jain et al. 2024, arXiv 2407.10264) on the synthetic world.
+
+    python -m experiments.study1_mechanics.run --config demo --out runs/demo [section.key=value ...]
+    python experiments/study1_mechanics/run.py --config quick --out /tmp/quick
+
+Pretrain a small Llama on the world's pretraining mixture → safety fine-tune it (SSFT, the study's asymmetric DPO,
+standard DPO, unlearning; at each learning rate) → evaluate every test set (teacher-forced accuracy, generation judged
+exactly) → analyses (τ per layer, ΔW vs the pretrained column space, row-space alignment, Lipschitzness,
+α-interpolation, soft-token attacks) → ``report.md``, ``metrics.json`` and PNG plots in OUT.
+
+Every stage writes its outputs under ``OUT/<stage>/`` (models as Hugging Face folders, results as JSON) and is skipped
+when ``OUT/<stage>/DONE`` exists, so re-running with the same OUT resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+if __package__ in (None, ""):  # run as a script: make the repository root importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+import jax
+import numpy as np
+import yaml
+from tqdm.auto import tqdm
+
+from experiments.study1_mechanics import summary
+from experiments.study1_mechanics.config import StudyConfig, load_config
+from safety_jax.analysis.weights import delta_weight_analysis, interpolate_params, module_matrix
+from safety_jax.data.synthetic import World, build_tokenizer, build_world, get_world_config
+from safety_jax.data.synthetic_sets import SyntheticBatch, make_test_sets, pretrain_batch, safety_batch
+from safety_jax.eval import harness
+from safety_jax.model.config import LlamaConfig, get_preset
+from safety_jax.model.hf import load_hf, save_hf
+from safety_jax.model.llama import LINEAR_MODULES, Params, init_params
+from safety_jax.report import to_jsonable
+from safety_jax.train import losses
+from safety_jax.train.optim import OptimConfig, build_optimizer
+from safety_jax.train.trainer import TrainConfig, train
+
+log = logging.getLogger("study1")
+
+
+# ---------------------------------------------------------------------------------------------------- stage cache
+class Stages:
+    """Run-once stages under one output folder: ``OUT/<name>/DONE`` (with the stage's wall time) marks a finished
+    stage, whose saved outputs are loaded instead of recomputed."""
+
+    def __init__(self, out: str) -> None:
+        self.out = out
+        self.timing: dict[str, float] = {}
+        self.skipped: list[str] = []
+
+    def _run(self, name: str, compute: Callable[[str], None]) -> str:
+        folder = os.path.join(self.out, name)
+        done = os.path.join(folder, "DONE")
+        if os.path.exists(done):
+            with open(done) as f:
+                self.timing[name] = json.load(f)["seconds"]
+            self.skipped.append(name)
+            log.info("stage %s: done before, skipped", name)
+            return folder
+        os.makedirs(folder, exist_ok=True)
+        t0 = time.perf_counter()
+        compute(folder)
+        self.timing[name] = time.perf_counter() - t0
+        with open(done, "w") as f:
+            json.dump({"seconds": self.timing[name]}, f)
+        log.info("stage %s: %.1f s", name, self.timing[name])
+        return folder
+
+    def model(self, name: str, config: LlamaConfig, world: World, fn: Callable[[str], Params]) -> Params:
+        """A stage whose output is a model, saved as a Hugging Face folder ``OUT/<name>/model``."""
+        folder = self._run(name, lambda d: save_hf(config, fn(d), os.path.join(d, "model"),
+                                                   tokenizer=build_tokenizer(world)))
+        return load_hf(os.path.join(folder, "model"))[1]
+
+    def json(self, name: str, fn: Callable[[], Any]) -> Any:
+        """A stage whose output is JSON-like, saved as ``OUT/<name>/result.json``."""
+        def compute(d: str) -> None:
+            with open(os.path.join(d, "result.json"), "w") as f:
+                json.dump(to_jsonable(fn()), f)
+        with open(os.path.join(self._run(name, compute), "result.json")) as f:
+            return json.load(f)
+
+
+class StepBatches:
+    """Batch ``i`` = ``make(i)``; resumable by the trainer (``state`` / ``restore`` are the step index)."""
+
+    def __init__(self, make: Callable[[int], dict[str, np.ndarray]]) -> None:
+        self.make, self.i = make, 0
+
+    def __iter__(self) -> StepBatches:
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        self.i += 1
+        return self.make(self.i - 1)
+
+    def state(self) -> dict[str, int]:
+        return {"step": self.i}
+
+    def restore(self, state: dict[str, int]) -> None:
+        self.i = int(state["step"])
+
+
+# ---------------------------------------------------------------------------------------------------- training
+def pretrain(cfg: StudyConfig, world: World, mcfg: LlamaConfig, out_dir: str) -> Params:
+    """Pretraining on the world's mixture (its mode probabilities move linearly over training)."""
+    p = cfg.pretrain
+    ocfg = OptimConfig(lr=p.lr, schedule="cosine", warmup_steps=p.warmup_steps, total_steps=p.steps,
+                       min_lr_ratio=p.min_lr_ratio, weight_decay=p.weight_decay, clip_norm=p.clip_norm)
+    params = init_params(mcfg, jax.random.key(cfg.seed))
+    batches = StepBatches(lambda i: pretrain_batch(world, p.batch_size, np.random.default_rng([cfg.seed, i]),
+                                                   progress=i / p.steps, grammars=cfg.world.grammars).sft())
+    state, _ = train(losses.make_sft_loss(mcfg), build_optimizer(ocfg, params), params, batches,
+                     TrainConfig(steps=p.steps, log_every=max(p.steps // 20, 1), save_every=p.save_every,
+                                 seed=cfg.seed), out_dir=out_dir)
+    return state.params
+
+
+def safety_batches(cfg: StudyConfig, world: World, step: int) -> SyntheticBatch:
+    """Fine-tuning batch ``step``: all-unsafe w.p. ``unsafe_frac``, else all-safe (the same for every method)."""
+    rng = np.random.default_rng([cfg.seed, 1, step])
+    kind = "unsafe" if rng.random() < cfg.finetune.unsafe_frac else "safe"
+    return safety_batch(world, kind, cfg.finetune.batch_size, rng, cfg.world.grammars)
+
+
+def finetune(cfg: StudyConfig, world: World, mcfg: LlamaConfig, pre: Params, method: str, lr: float,
+             out_dir: str) -> Params:
+    """One safety fine-tuning run from the pretrained params."""
+    f = cfg.finetune
+    loss_fn = {
+        "ssft": lambda: losses.make_sft_loss(mcfg),
+        "dpo": lambda: losses.make_synthetic_dpo_loss(mcfg, beta_chosen=f.beta_chosen, beta_rejected=f.beta_rejected),
+        "dpo_standard": lambda: losses.make_dpo_loss(mcfg, beta=f.beta_standard, loss_type="sigmoid"),
+        "unlearning": lambda: losses.make_synthetic_unlearning_loss(mcfg, rejected_weight=f.rejected_weight),
+    }[method]()
+    pairs = method != "ssft"
+    make = lambda i: safety_batches(cfg, world, i).dpo() if pairs else safety_batches(cfg, world, i).sft()
+    # DPO's reference = the frozen pretrained params, its log-probs computed inside the step (no extra compile).
+    aux = {"ref_params": pre} if method.startswith("dpo") else None
+    ocfg = OptimConfig(lr=lr, schedule="constant" if not f.warmup_steps else "cosine", warmup_steps=f.warmup_steps,
+                       total_steps=f.steps, weight_decay=f.weight_decay)
+    state, history = train(loss_fn, build_optimizer(ocfg, pre), pre, StepBatches(make),
+                           TrainConfig(steps=f.steps, log_every=max(f.steps // 10, 1), seed=cfg.seed), aux=aux)
+    with open(os.path.join(out_dir, "history.json"), "w") as fh:  # short runs: no orbax checkpoints, just the log
+        json.dump(history, fh)
+    return state.params
+
+
+# ---------------------------------------------------------------------------------------------------- analyses
+def head(sets: dict[str, SyntheticBatch], n: int) -> dict[str, SyntheticBatch]:
+    return {k: b.take(slice(0, n)) for k, b in sets.items()}
+
+
+def tau_stage(cfg: StudyConfig, mcfg: LlamaConfig, models: dict[str, Params], sets) -> dict[str, Any]:
+    out: dict[str, Any] = {"tau": {}, "separation": {}}
+    for name, params in tqdm(models.items(), desc="tau"):
+        taus = harness.tau_by_set(harness.window_features(params, mcfg, sets, width=cfg.analysis.tau_width,
+                                                          batch_size=cfg.eval.batch_size))
+        out["tau"][name] = harness.summarise_taus(taus)
+        out["separation"][name] = harness.separation(taus)
+    return out
+
+
+def delta_w_stage(cfg: StudyConfig, pre: Params, models: dict[str, Params]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, params in tqdm(models.items(), desc="delta W"):
+        reps = delta_weight_analysis(pre, params, modules=LINEAR_MODULES, top_k=cfg.analysis.top_k,
+                                     energy=cfg.analysis.energy)
+        out[name] = {}
+        for module, r in reps.items():
+            rows = int(module_matrix(pre, module).shape[1])  # output dimension (HF orientation [L, out, in])
+            out[name][module] = {
+                "sin_theta_mean": float(np.nanmean(r.sin_theta)),
+                "sin_theta_top1": float(np.nanmean(r.sin_theta[:, 0])),
+                "sin_theta_by_rank": np.nanmean(r.sin_theta, axis=0), "sin_theta": r.sin_theta,
+                "random_baseline": float(np.mean(np.sqrt(np.clip(1 - r.pre_energy_rank / rows, 0, 1)))),
+                "pre_energy_rank": r.pre_energy_rank, "out_dim": rows, "relative_norm": r.relative_norm,
+                "delta_singular_values": r.delta_singular_values[:, : cfg.analysis.top_k]}
+    return out
+
+
+def probes_stage(cfg: StudyConfig, mcfg: LlamaConfig, pre: Params, models: dict[str, Params], sets) -> dict:
+    small = head({k: sets[k] for k in ("safe", "unsafe")}, cfg.analysis.n_examples)
+    out: dict[str, Any] = {"lipschitz": {}, "row_space": {}}
+    for name, params in tqdm(models.items(), desc="lipschitz + row space"):
+        out["lipschitz"][name] = harness.lipschitz_by_set(params, mcfg, small)
+        out["row_space"][name] = harness.row_space_by_set(params, pre, mcfg, small, batch_size=cfg.eval.batch_size)
+    return out
+
+
+def interpolation_stage(cfg: StudyConfig, mcfg: LlamaConfig, pre: Params, models: dict[str, Params], sets) -> dict:
+    small = head({k: sets[k] for k in ("safe", "unsafe")}, cfg.analysis.n_examples)
+    out: dict[str, Any] = {}
+    for name, ft in models.items():
+        rows = []
+        for alpha in tqdm(cfg.analysis.alphas, desc=f"interpolate {name}"):
+            params = interpolate_params(pre, ft, alpha)
+            ev = harness.evaluate_sets(params, mcfg, small, batch_size=cfg.eval.batch_size)
+            taus = harness.tau_by_set(harness.window_features(params, mcfg, small, width=cfg.analysis.tau_width,
+                                                              batch_size=cfg.eval.batch_size))
+            rows.append({"alpha": alpha, "safe_instruct_acc": ev["safe"]["instruct_acc"],
+                         "unsafe_null_acc": ev["unsafe"]["null_acc"], "unsafe_refused": ev["unsafe"]["refused"],
+                         "unsafe_harmful": ev["unsafe"]["harmful"], "safe_correct": ev["safe"]["correct"],
+                         "separation": float(harness.separation(taus).mean())})
+        out[name] = rows
+    return out
+
+
+def attack_stage(cfg: StudyConfig, mcfg: LlamaConfig, models: dict[str, Params], sets) -> dict:
+    a = cfg.analysis
+    ref = {k: sets[k] for k in ("safe", "unsafe")}
+    target = sets["unsafe"].take(slice(0, a.attack_n))
+    out = {}
+    for name, params in tqdm(models.items(), desc="soft-token attacks"):
+        feats = harness.window_features(params, mcfg, ref, width=a.tau_width, batch_size=cfg.eval.batch_size)
+        means = (feats["safe"].mean(axis=1), feats["unsafe"].mean(axis=1))
+        out[name] = harness.attack_sweep(params, mcfg, target, means, num_soft=a.attack_num_soft,
+                                         rounds=a.attack_rounds, steps_per_round=a.attack_steps_per_round,
+                                         lr=a.attack_lr, width=a.tau_width, seed=cfg.seed,
+                                         batch_size=cfg.eval.batch_size)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------- main
+def run(cfg: StudyConfig, out: str) -> dict[str, Any]:
+    """Every stage of the study into ``out``; returns the metrics written to ``metrics.json``."""
+    t_start = time.perf_counter()
+    os.makedirs(out, exist_ok=True)
+    _check_config(cfg, out)
+    world_overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.world.overrides.items()}
+    world = build_world(get_world_config(cfg.world.preset, **world_overrides))
+    mcfg = get_preset(cfg.model.preset, **cfg.model.overrides)
+    sets = make_test_sets(world, cfg.world.n_test, np.random.default_rng([cfg.seed, 2]), cfg.world.grammars)
+    st = Stages(out)
+
+    pre = st.model("pretrain", mcfg, world, lambda d: pretrain(cfg, world, mcfg, d))
+    tuned: dict[str, Params] = {}
+    for lr_name, lr in cfg.finetune.lrs.items():
+        for method in cfg.finetune.methods:
+            name = f"{method}@{lr_name}"
+            tuned[name] = st.model(f"finetune_{name}", mcfg, world,
+                                   lambda d, m=method, lr=lr: finetune(cfg, world, mcfg, pre, m, lr, d))
+    models = {"pretrained": pre, **tuned}
+
+    metrics: dict[str, Any] = {}
+    metrics["eval"] = st.json("evaluate", lambda: {
+        name: harness.evaluate_sets(p, mcfg, sets, batch_size=cfg.eval.batch_size)
+        for name, p in tqdm(models.items(), desc="evaluate")})
+    metrics.update(st.json("tau", lambda: tau_stage(cfg, mcfg, models, sets)))
+    metrics["delta_w"] = st.json("delta_w", lambda: delta_w_stage(cfg, pre, tuned))
+    metrics.update(st.json("lipschitz_row_space", lambda: probes_stage(cfg, mcfg, pre, models, sets)))
+    metrics["interpolation"] = st.json("interpolation", lambda: interpolation_stage(cfg, mcfg, pre, tuned, sets))
+    metrics["attack"] = st.json("attack", lambda: attack_stage(cfg, mcfg, tuned, sets))
+    metrics["timing"] = {**st.timing, "total_this_invocation": time.perf_counter() - t_start}
+    metrics["skipped_stages"] = st.skipped
+    summary.write(out, cfg, world, mcfg, metrics)
+    return metrics
+
+
+def _check_config(cfg: StudyConfig, out: str) -> None:
+    """Write ``config.yaml`` (the resolved config); refuse an OUT made with a different one (its stages are stale)."""
+    path = os.path.join(out, "config.yaml")
+    resolved = yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False)
+    if os.path.exists(path):
+        with open(path) as f:
+            if f.read() != resolved:
+                raise SystemExit(f"{out} holds a run with a different config ({path}); pass a new --out or delete it")
+    with open(path, "w") as f:
+        f.write(resolved)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="demo", help="demo | quick | reference | path/to/config.yaml")
+    parser.add_argument("--out", required=True, help="output folder (re-use it to skip finished stages)")
+    parser.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. pretrain.steps=500")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("absl").setLevel(logging.WARNING)
+    metrics = run(load_config(args.config, args.overrides), args.out)
+    print(f"report: {os.path.join(args.out, 'report.md')} ({metrics['timing']['total_this_invocation']:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,91 @@
+"""Study 1 end to end on the `quick` config: every stage runs, its outputs are sane, and a re-run skips every stage.
+
+The quick model is far too small to learn the task, so this pins the pipeline's shape, not the study's numbers (the
+`demo` config, run by hand or by the main job, is where the claims are decided).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from experiments.study1_mechanics.claims import JAILBREAKS
+from experiments.study1_mechanics.config import load_config
+from experiments.study1_mechanics.run import run
+
+CLAIM_STATEMENTS = (
+    "Cluster separation grows after safety fine-tuning",
+    "Separation is ordered unlearning ≥ DPO ≥ SSFT",
+    "ΔW's top directions lie mostly outside the pretrained column space",
+    "Jailbreaks succeed more often than standard unsafe inputs and sit closer to the safe cluster",
+    "Stronger adversarial attacks move τ further",
+)
+STAGES = ("pretrain", "finetune_ssft@eta_M", "finetune_dpo@eta_M", "finetune_dpo_standard@eta_M",
+          "finetune_unlearning@eta_M", "evaluate", "tau", "delta_w", "lipschitz_row_space", "interpolation", "attack")
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("study1_quick"))
+    cfg = load_config("quick")
+    return cfg, out, run(cfg, out)
+
+
+def test_quick_run_writes_every_output(quick_run):
+    cfg, out, _ = quick_run
+    for name in ("config.yaml", "metrics.json", "report.md", "tau_per_layer.png", "sin_theta_spectra.png",
+                 "attack_strength.png", "accuracy_vs_alpha.png"):
+        assert os.path.getsize(os.path.join(out, name)) > 0, name
+    for stage in STAGES:
+        assert os.path.exists(os.path.join(out, stage, "DONE")), stage
+    for model in ("pretrain", "finetune_ssft@eta_M"):
+        assert os.path.exists(os.path.join(out, model, "model", "config.json"))
+        assert os.path.exists(os.path.join(out, model, "model", "model.safetensors"))
+
+
+def test_quick_metrics_are_sane(quick_run):
+    cfg, out, _ = quick_run
+    with open(os.path.join(out, "metrics.json")) as f:
+        m = json.load(f)
+    models = ["pretrained", *(f"{meth}@eta_M" for meth in cfg.finetune.methods)]
+    assert sorted(m["eval"]) == sorted(models)
+    n_layers = cfg.model.overrides["num_hidden_layers"]
+    for model in models:
+        assert set(m["eval"][model]) == {"safe", "unsafe", *JAILBREAKS}
+        for metrics in m["eval"][model].values():
+            for key in ("instruct_acc", "null_acc", "refused", "harmful", "correct", "other"):
+                assert 0.0 <= metrics[key] <= 1.0, (model, key)
+            assert metrics["refused"] + metrics["harmful"] + metrics["correct"] + metrics["other"] == pytest.approx(1)
+        for stats in m["tau"][model].values():
+            assert np.asarray(stats["mean"]).shape == (n_layers,)
+            assert np.all(np.asarray(stats["std"]) >= 0)
+        assert np.asarray(m["separation"][model]).shape == (n_layers,)
+        assert m["lipschitz"][model]["safe"] > 0
+    for model in models[1:]:
+        sin = np.asarray(m["delta_w"][model]["mlp.down"]["sin_theta"], float)
+        assert sin.shape[0] == n_layers and np.all((sin >= -1e-6) & (sin <= 1 + 1e-6))
+        assert [r["alpha"] for r in m["interpolation"][model]] == cfg.analysis.alphas
+        attack = m["attack"][model]
+        assert len(attack) == 1 + len(cfg.analysis.attack_num_soft) * cfg.analysis.attack_rounds
+        assert all(0.0 <= r["success"] <= 1.0 and len(r["tau_mean"]) == n_layers for r in attack)
+    assert [c["statement"] for c in m["claims"]] == list(CLAIM_STATEMENTS)
+
+
+def test_report_states_each_claim_with_a_verdict(quick_run):
+    _, out, _ = quick_run
+    with open(os.path.join(out, "report.md")) as f:
+        report = f.read()
+    for statement in CLAIM_STATEMENTS:
+        line = next(ln for ln in report.splitlines() if statement in ln)
+        assert "HOLDS" in line or "DOES NOT HOLD" in line
+    assert "## Acceptance checks" in report and "## This run" in report
+
+
+def test_rerun_skips_every_stage(quick_run):
+    cfg, out, first = quick_run
+    again = run(cfg, out)
+    assert again["skipped_stages"] == list(STAGES)
+    assert again["eval"] == first["eval"]
