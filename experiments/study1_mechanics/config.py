@@ -9,12 +9,24 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from collections.abc import Sequence
 from typing import Any
 
 import yaml
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 with ``1e-4`` read as a float (plain PyYAML wants ``1.0e-4`` and reads ``1e-4`` as a string)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                |\.[0-9_]+(?:[eE][-+][0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."))
 METHODS = ("ssft", "dpo", "dpo_standard", "unlearning")
 
 
@@ -61,6 +73,7 @@ class FinetuneSpec:
     steps: int = 200
     batch_size: int = 32
     unsafe_frac: float = 0.2
+    schedule: str = "cosine"   # warmup then cosine decay to 1 % (the reference); or "constant"
     warmup_steps: int = 0
     weight_decay: float = 1e-4
     beta_chosen: float = 0.1
@@ -159,10 +172,10 @@ def config_path(name_or_path: str) -> str:
 def load_config(name_or_path: str, overrides: Sequence[str] = ()) -> StudyConfig:
     """Read a YAML config and apply ``key.sub=value`` overrides (values parsed as YAML)."""
     with open(config_path(name_or_path)) as f:
-        data = yaml.safe_load(f) or {}
+        data = yaml.load(f, Loader=_Loader) or {}
     for item in overrides:
         key, eq, raw = item.partition("=")
         if not eq or not key:
             raise ValueError(f"override {item!r} must look like section.key=value")
-        _set_dotted(data, key.strip(), yaml.safe_load(raw))
+        _set_dotted(data, key.strip(), yaml.load(raw, Loader=_Loader))
     return _build(StudyConfig, data, "")

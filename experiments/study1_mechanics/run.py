@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import logging
 import os
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -51,44 +53,55 @@ log = logging.getLogger("study1")
 
 # ---------------------------------------------------------------------------------------------------- stage cache
 class Stages:
-    """Run-once stages under one output folder: ``OUT/<name>/DONE`` (with the stage's wall time) marks a finished
-    stage, whose saved outputs are loaded instead of recomputed."""
+    """Run-once stages under one output folder. ``OUT/<name>/DONE`` records the stage's wall time and the fingerprint
+    of the config it depends on: a stage done with the same fingerprint is skipped and its saved outputs loaded; one
+    done (or interrupted) under another fingerprint is wiped and recomputed. An interrupted stage with the same
+    fingerprint keeps its folder, so the trainer resumes from its checkpoints."""
 
     def __init__(self, out: str) -> None:
         self.out = out
         self.timing: dict[str, float] = {}
         self.skipped: list[str] = []
 
-    def _run(self, name: str, compute: Callable[[str], None]) -> str:
+    def _run(self, name: str, depends_on: Any, compute: Callable[[str], None]) -> str:
         folder = os.path.join(self.out, name)
-        done = os.path.join(folder, "DONE")
+        done, started = os.path.join(folder, "DONE"), os.path.join(folder, "STARTED")
+        fingerprint = hashlib.sha256(json.dumps(to_jsonable(depends_on), sort_keys=True).encode()).hexdigest()[:16]
         if os.path.exists(done):
             with open(done) as f:
-                self.timing[name] = json.load(f)["seconds"]
-            self.skipped.append(name)
-            log.info("stage %s: done before, skipped", name)
-            return folder
+                record = json.load(f)
+            if record.get("fingerprint") == fingerprint:
+                self.timing[name] = record["seconds"]
+                self.skipped.append(name)
+                log.info("stage %s: done before, skipped", name)
+                return folder
+        if os.path.exists(done) or (os.path.exists(started) and open(started).read() != fingerprint):
+            log.info("stage %s: its config changed, recomputing", name)
+            shutil.rmtree(folder)
         os.makedirs(folder, exist_ok=True)
+        with open(started, "w") as f:
+            f.write(fingerprint)
         t0 = time.perf_counter()
         compute(folder)
         self.timing[name] = time.perf_counter() - t0
         with open(done, "w") as f:
-            json.dump({"seconds": self.timing[name]}, f)
+            json.dump({"seconds": self.timing[name], "fingerprint": fingerprint}, f)
         log.info("stage %s: %.1f s", name, self.timing[name])
         return folder
 
-    def model(self, name: str, config: LlamaConfig, world: World, fn: Callable[[str], Params]) -> Params:
+    def model(self, name: str, depends_on: Any, config: LlamaConfig, world: World,
+              fn: Callable[[str], Params]) -> Params:
         """A stage whose output is a model, saved as a Hugging Face folder ``OUT/<name>/model``."""
-        folder = self._run(name, lambda d: save_hf(config, fn(d), os.path.join(d, "model"),
-                                                   tokenizer=build_tokenizer(world)))
+        folder = self._run(name, depends_on, lambda d: save_hf(config, fn(d), os.path.join(d, "model"),
+                                                               tokenizer=build_tokenizer(world)))
         return load_hf(os.path.join(folder, "model"))[1]
 
-    def json(self, name: str, fn: Callable[[], Any]) -> Any:
+    def json(self, name: str, depends_on: Any, fn: Callable[[], Any]) -> Any:
         """A stage whose output is JSON-like, saved as ``OUT/<name>/result.json``."""
         def compute(d: str) -> None:
             with open(os.path.join(d, "result.json"), "w") as f:
                 json.dump(to_jsonable(fn()), f)
-        with open(os.path.join(self._run(name, compute), "result.json")) as f:
+        with open(os.path.join(self._run(name, depends_on, compute), "result.json")) as f:
             return json.load(f)
 
 
@@ -148,8 +161,8 @@ def finetune(cfg: StudyConfig, world: World, mcfg: LlamaConfig, pre: Params, met
     make = lambda i: safety_batches(cfg, world, i).dpo() if pairs else safety_batches(cfg, world, i).sft()
     # DPO's reference = the frozen pretrained params, its log-probs computed inside the step (no extra compile).
     aux = {"ref_params": pre} if method.startswith("dpo") else None
-    ocfg = OptimConfig(lr=lr, schedule="constant" if not f.warmup_steps else "cosine", warmup_steps=f.warmup_steps,
-                       total_steps=f.steps, weight_decay=f.weight_decay)
+    ocfg = OptimConfig(lr=lr, schedule=f.schedule, warmup_steps=f.warmup_steps, total_steps=f.steps,
+                       min_lr_ratio=0.01, weight_decay=f.weight_decay)
     state, history = train(loss_fn, build_optimizer(ocfg, pre), pre, StepBatches(make),
                            TrainConfig(steps=f.steps, log_every=max(f.steps // 10, 1), seed=cfg.seed), aux=aux)
     with open(os.path.join(out_dir, "history.json"), "w") as fh:  # short runs: no orbax checkpoints, just the log
@@ -237,47 +250,42 @@ def run(cfg: StudyConfig, out: str) -> dict[str, Any]:
     """Every stage of the study into ``out``; returns the metrics written to ``metrics.json``."""
     t_start = time.perf_counter()
     os.makedirs(out, exist_ok=True)
-    _check_config(cfg, out)
+    with open(os.path.join(out, "config.yaml"), "w") as f:  # the resolved config
+        yaml.safe_dump(dataclasses.asdict(cfg), f, sort_keys=False)
     world_overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.world.overrides.items()}
     world = build_world(get_world_config(cfg.world.preset, **world_overrides))
     mcfg = get_preset(cfg.model.preset, **cfg.model.overrides)
     sets = make_test_sets(world, cfg.world.n_test, np.random.default_rng([cfg.seed, 2]), cfg.world.grammars)
     st = Stages(out)
+    c = dataclasses.asdict(cfg)
+    pre_key = {k: c[k] for k in ("seed", "world", "model", "pretrain")}
+    ft_key = {**pre_key, "finetune": {k: v for k, v in c["finetune"].items() if k not in ("methods", "lrs")}}
+    eval_key = {k: v for k, v in c.items() if k not in ("name", "notes", "analysis")}
+    analysis_key = {**eval_key, "analysis": c["analysis"]}
 
-    pre = st.model("pretrain", mcfg, world, lambda d: pretrain(cfg, world, mcfg, d))
+    pre = st.model("pretrain", pre_key, mcfg, world, lambda d: pretrain(cfg, world, mcfg, d))
     tuned: dict[str, Params] = {}
     for lr_name, lr in cfg.finetune.lrs.items():
         for method in cfg.finetune.methods:
             name = f"{method}@{lr_name}"
-            tuned[name] = st.model(f"finetune_{name}", mcfg, world,
+            tuned[name] = st.model(f"finetune_{name}", {**ft_key, "lr": lr}, mcfg, world,
                                    lambda d, m=method, lr=lr: finetune(cfg, world, mcfg, pre, m, lr, d))
     models = {"pretrained": pre, **tuned}
 
     metrics: dict[str, Any] = {}
-    metrics["eval"] = st.json("evaluate", lambda: {
+    metrics["eval"] = st.json("evaluate", eval_key, lambda: {
         name: harness.evaluate_sets(p, mcfg, sets, batch_size=cfg.eval.batch_size)
         for name, p in tqdm(models.items(), desc="evaluate")})
-    metrics.update(st.json("tau", lambda: tau_stage(cfg, mcfg, models, sets)))
-    metrics["delta_w"] = st.json("delta_w", lambda: delta_w_stage(cfg, pre, tuned))
-    metrics.update(st.json("lipschitz_row_space", lambda: probes_stage(cfg, mcfg, pre, models, sets)))
-    metrics["interpolation"] = st.json("interpolation", lambda: interpolation_stage(cfg, mcfg, pre, tuned, sets))
-    metrics["attack"] = st.json("attack", lambda: attack_stage(cfg, mcfg, tuned, sets))
+    metrics.update(st.json("tau", analysis_key, lambda: tau_stage(cfg, mcfg, models, sets)))
+    metrics["delta_w"] = st.json("delta_w", analysis_key, lambda: delta_w_stage(cfg, pre, tuned))
+    metrics.update(st.json("lipschitz_row_space", analysis_key, lambda: probes_stage(cfg, mcfg, pre, models, sets)))
+    metrics["interpolation"] = st.json("interpolation", analysis_key,
+                                       lambda: interpolation_stage(cfg, mcfg, pre, tuned, sets))
+    metrics["attack"] = st.json("attack", analysis_key, lambda: attack_stage(cfg, mcfg, tuned, sets))
     metrics["timing"] = {**st.timing, "total_this_invocation": time.perf_counter() - t_start}
     metrics["skipped_stages"] = st.skipped
     summary.write(out, cfg, world, mcfg, metrics)
     return metrics
-
-
-def _check_config(cfg: StudyConfig, out: str) -> None:
-    """Write ``config.yaml`` (the resolved config); refuse an OUT made with a different one (its stages are stale)."""
-    path = os.path.join(out, "config.yaml")
-    resolved = yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False)
-    if os.path.exists(path):
-        with open(path) as f:
-            if f.read() != resolved:
-                raise SystemExit(f"{out} holds a run with a different config ({path}); pass a new --out or delete it")
-    with open(path, "w") as f:
-        f.write(resolved)
 
 
 def main(argv: list[str] | None = None) -> None:
