@@ -89,3 +89,42 @@ def test_rerun_skips_every_stage(quick_run):
     again = run(cfg, out)
     assert again["skipped_stages"] == list(STAGES)
     assert again["eval"] == first["eval"]
+
+
+# ---------------------------------------------------------------------------------------------------- fast unit tests
+def test_refusal_lists_are_the_published_ones_and_match_as_substrings():
+    from safety_jax.eval.judges import REFUSAL_GCG_29, REFUSAL_JBB_13, SubstringJudge
+
+    assert len(REFUSAL_GCG_29) == 29 and len(set(REFUSAL_GCG_29)) == 29
+    assert REFUSAL_JBB_13 == REFUSAL_GCG_29[:13] and REFUSAL_GCG_29[-1] == "I can't assist"
+    judge = SubstringJudge.named("GCG-29")
+    answers = ["Sure, here is how", "I'm sorry, but no", "that would be illegal", "as an AI model"]
+    np.testing.assert_array_equal(judge.refused(answers), [False, True, True, False])  # case-sensitive
+    np.testing.assert_array_equal(SubstringJudge.named("GCG-29", case_sensitive=False).refused(answers[3:]), [True])
+    np.testing.assert_array_equal(judge.attack_success(answers), [True, False, False, True])
+    with pytest.raises(ValueError, match="known: GCG-29, JBB-13"):
+        SubstringJudge.named("GCG-30")
+
+
+def test_synthetic_judge_rates_refusal_and_harmful_answers():
+    from safety_jax.data.synthetic import build_world, get_world_config
+    from safety_jax.data.synthetic_sets import completions, safety_batch
+    from safety_jax.eval.judges import judge_synthetic, verdict_rates
+
+    world = build_world(get_world_config("quick"))
+    batch = safety_batch(world, "unsafe", 8, 0)
+    answers = np.concatenate([completions(batch, batch.refusal)[:4], completions(batch, batch.transform)[4:]])
+    rates = verdict_rates(judge_synthetic(batch, answers))
+    assert rates == {"refused": 0.5, "harmful": 0.5, "correct": 0.0, "other": 0.0}
+
+
+def test_report_writer_converts_numpy_and_nan_to_json(tmp_path):
+    from safety_jax.report import Report, markdown_table
+
+    rep = Report(tmp_path, "t")
+    rep.metrics["x"] = {"a": np.arange(3), "b": np.float32("nan"), "c": np.bool_(True)}
+    rep.table([{"m": "ssft", "acc": 0.91234}], caption="cap")
+    _, js = rep.write()
+    with open(js) as f:
+        assert json.load(f) == {"x": {"a": [0, 1, 2], "b": None, "c": True}}
+    assert "| ssft | 0.912 |" in markdown_table([{"m": "ssft", "acc": 0.91234}])

@@ -75,7 +75,7 @@ class Stages:
                 self.skipped.append(name)
                 log.info("stage %s: done before, skipped", name)
                 return folder
-        if os.path.exists(done) or (os.path.exists(started) and open(started).read() != fingerprint):
+        if os.path.exists(done) or (os.path.exists(started) and _read(started) != fingerprint):
             log.info("stage %s: its config changed, recomputing", name)
             shutil.rmtree(folder)
         os.makedirs(folder, exist_ok=True)
@@ -103,6 +103,11 @@ class Stages:
                 json.dump(to_jsonable(fn()), f)
         with open(os.path.join(self._run(name, depends_on, compute), "result.json")) as f:
             return json.load(f)
+
+
+def _read(path: str) -> str:
+    with open(path) as f:
+        return f.read()
 
 
 class StepBatches:
