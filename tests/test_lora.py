@@ -30,13 +30,7 @@ CONFIG = get_preset("tiny")  # D=64, N=4, K=2, H=16, F=176, L=2
 L_, D, N, K, H, F = 2, 64, 4, 2, 16, 176
 
 
-@pytest.fixture(scope="module", autouse=True)
-def fast_compiles():
-    """Skip XLA's slow optimisation passes for these small programs (restored afterwards)."""
-    before = jax.config.read("jax_disable_most_optimizations")
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", before)
+pytestmark = pytest.mark.usefixtures("fast_compiles")
 
 
 @pytest.fixture(scope="module")

@@ -55,13 +55,7 @@ def np_npo(nll, ref_nll, beta):
 
 
 # ---------------------------------------------------------------------------------------------------- fixtures
-@pytest.fixture(scope="module", autouse=True)
-def fast_compiles():
-    """These tests compile many small programs: skip XLA's slow optimisation passes here (restored afterwards)."""
-    before = jax.config.read("jax_disable_most_optimizations")
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", before)
+pytestmark = pytest.mark.usefixtures("fast_compiles")
 
 
 def np_params(config, seed, scale=0.08):

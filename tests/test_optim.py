@@ -25,13 +25,7 @@ from safety_jax.train.optim import (
 CONFIG = get_preset("tiny")  # 2 layers, untied lm_head
 
 
-@pytest.fixture(scope="module", autouse=True)
-def fast_compiles():
-    """Many small programs compile here: skip XLA's slow optimisation passes (restored afterwards)."""
-    before = jax.config.read("jax_disable_most_optimizations")
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", before)
+pytestmark = pytest.mark.usefixtures("fast_compiles")
 
 
 def np_params(seed=0):
