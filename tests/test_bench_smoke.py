@@ -17,15 +17,18 @@ BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
-def bench(tmp_path_factory):
+def bench(tmp_path_factory, fast_compiles):
+    """One in-process run of every workload (XLA's slow optimisation passes off: timings do not matter here)."""
     sys.path.insert(0, BENCH)
     try:
         import run
         from workloads import WORKLOADS
 
         out = tmp_path_factory.mktemp("bench")
+        # One thread per pool: in-process, torch's OpenMP pool cannot be told to sleep when idle any more, and
+        # spinning pools on a shared CI machine turn a seconds-long test into minutes (see scripts/bench/README.md).
         text = run.main(["--preset", "tiny", "--batch", "2", "--seq", "32", "--new-tokens", "4", "--reps", "1",
-                         "--warmup", "1", "--out", str(out)])
+                         "--warmup", "1", "--threads", "1", "--out", str(out)])
         with open(out / "bench.json") as f:
             data = json.load(f)
         yield text, data, list(WORKLOADS)

@@ -23,8 +23,12 @@ CLAIM_STATEMENTS = (
     "Jailbreaks succeed more often than standard unsafe inputs and sit closer to the safe cluster",
     "Stronger adversarial attacks move τ further",
 )
-STAGES = ("pretrain", "finetune_ssft@eta_M", "finetune_dpo@eta_M", "finetune_dpo_standard@eta_M",
-          "finetune_unlearning@eta_M", "evaluate", "tau", "delta_w", "lipschitz_row_space", "interpolation", "attack")
+ANALYSES = ("evaluate", "tau", "delta_w", "lipschitz_row_space", "interpolation", "attack")
+
+
+def stages(cfg) -> list[str]:
+    tuned = [f"finetune_{m}@{lr}" for lr in cfg.finetune.lrs for m in cfg.finetune.methods]
+    return ["pretrain", *tuned, *ANALYSES]
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +43,7 @@ def test_quick_run_writes_every_output(quick_run):
     for name in ("config.yaml", "metrics.json", "report.md", "tau_per_layer.png", "sin_theta_spectra.png",
                  "attack_strength.png", "accuracy_vs_alpha.png"):
         assert os.path.getsize(os.path.join(out, name)) > 0, name
-    for stage in STAGES:
+    for stage in stages(cfg):
         assert os.path.exists(os.path.join(out, stage, "DONE")), stage
     for model in ("pretrain", "finetune_ssft@eta_M"):
         assert os.path.exists(os.path.join(out, model, "model", "config.json"))
@@ -87,7 +91,7 @@ def test_report_states_each_claim_with_a_verdict(quick_run):
 def test_rerun_skips_every_stage(quick_run):
     cfg, out, first = quick_run
     again = run(cfg, out)
-    assert again["skipped_stages"] == list(STAGES)
+    assert again["skipped_stages"] == stages(cfg)
     assert again["eval"] == first["eval"]
 
 

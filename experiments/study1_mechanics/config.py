@@ -59,7 +59,7 @@ class PretrainSpec:
     min_lr_ratio: float = 0.1
     weight_decay: float = 1e-4
     clip_norm: float = 1.0
-    save_every: int = 0        # orbax checkpoints for resuming an interrupted stage (0: at the end only)
+    save_every: int = 0        # orbax checkpoints every N steps, to resume an interrupted stage (0: none)
 
 
 @dataclasses.dataclass(frozen=True)

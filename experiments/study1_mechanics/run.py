@@ -139,9 +139,13 @@ def pretrain(cfg: StudyConfig, world: World, mcfg: LlamaConfig, out_dir: str) ->
     params = init_params(mcfg, jax.random.key(cfg.seed))
     batches = StepBatches(lambda i: pretrain_batch(world, p.batch_size, np.random.default_rng([cfg.seed, i]),
                                                    progress=i / p.steps, grammars=cfg.world.grammars).sft())
-    state, _ = train(losses.make_sft_loss(mcfg), build_optimizer(ocfg, params), params, batches,
-                     TrainConfig(steps=p.steps, log_every=max(p.steps // 20, 1), save_every=p.save_every,
-                                 seed=cfg.seed), out_dir=out_dir)
+    # With save_every > 0 the trainer keeps orbax checkpoints (and TensorBoard logs) in the stage folder, so an
+    # interrupted pretraining resumes; with 0 it only returns the history, written here.
+    state, history = train(losses.make_sft_loss(mcfg), build_optimizer(ocfg, params), params, batches,
+                           TrainConfig(steps=p.steps, log_every=max(p.steps // 20, 1), save_every=p.save_every,
+                                       seed=cfg.seed), out_dir=out_dir if p.save_every else None)
+    with open(os.path.join(out_dir, "history.json"), "w") as fh:
+        json.dump(history, fh)
     return state.params
 
 

@@ -10,7 +10,14 @@ from typing import Any
 
 import numpy as np
 
-from experiments.study1_mechanics.claims import JAILBREAKS, MLP_MODULES, acceptance, assess_claims, finetuned
+from experiments.study1_mechanics.claims import (
+    JAILBREAKS,
+    MLP_MODULES,
+    acceptance,
+    acceptance_reading,
+    assess_claims,
+    finetuned,
+)
 from experiments.study1_mechanics.config import StudyConfig
 from safety_jax.data.synthetic import World, get_world_config
 from safety_jax.data.synthetic_sets import SAFETY_KINDS
@@ -82,6 +89,7 @@ def write(out: str, cfg: StudyConfig, world: World, mcfg: LlamaConfig, metrics: 
     rep.text("\n".join(f"{i + 1}. {c.line()}" for i, c in enumerate(claims)))
     rep.section("Acceptance checks")
     rep.table([{**r, "pass": "PASS" if r["pass"] else "FAIL"} for r in checks], ["check", "value", "target", "pass"])
+    rep.text("_Reading:_ " + acceptance_reading(metrics, checks))
 
     rep.section("Accuracy and judged generations (methods × test sets)",
                 "Teacher-forced token accuracy on the output positions against the true transformation (instruct) "
@@ -150,10 +158,12 @@ def write(out: str, cfg: StudyConfig, world: World, mcfg: LlamaConfig, metrics: 
     rep.section("Adversarial soft tokens (analysis 6)",
                 "k embedding vectors inserted before `>`, optimised toward the harmful completion (normalised "
                 "gradient steps, kept within the mean token-embedding norm). Success = the whole harmful completion "
-                "is the teacher-forced argmax (greedy decoding reproduces it); τ of the attacked inputs, mean over "
+                "is the teacher-forced argmax (greedy decoding reproduces it); first token harmful = the refusal "
+                "decision is flipped; τ of the attacked inputs, mean over "
                 "layers, against the model's safe / unsafe class means.")
     rep.table([{"model": m, "k": r["num_soft"], "steps": r["steps"], "success": r["success"],
-                "target acc": r["target_acc"], "τ": float(np.mean(r["tau_mean"]))}
+                "first token harmful": r["first_token_success"], "target acc": r["target_acc"],
+                "τ": float(np.mean(r["tau_mean"]))}
                for m in ft for r in metrics["attack"][m]])
     panels: dict[str, Any] = {}
     for m in ft:
@@ -161,7 +171,9 @@ def write(out: str, cfg: StudyConfig, world: World, mcfg: LlamaConfig, metrics: 
         ks = sorted({r["num_soft"] for r in rows})
         pick = lambda k, key: ([r["steps"] for r in rows if r["num_soft"] == k],
                                [key(r) for r in rows if r["num_soft"] == k])
-        panels[f"{m}: success"] = {f"k={k}": pick(k, lambda r: r["success"]) for k in ks}
+        panels[f"{m}: success / first token harmful"] = {
+            **{f"k={k}": pick(k, lambda r: r["success"]) for k in ks},
+            **{f"k={k} first token": pick(k, lambda r: r["first_token_success"]) for k in ks}}
         panels[f"{m}: τ"] = {f"k={k}": pick(k, lambda r: float(np.mean(r["tau_mean"]))) for k in ks}
     rep.plot("attack_strength", line_panels(panels, xlabel="attack steps", ylabel="success / τ", ncols=2),
              caption="Attack success and τ as the number of soft tokens k and of steps grow")

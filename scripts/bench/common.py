@@ -11,7 +11,6 @@ import dataclasses
 import json
 import os
 import platform
-import resource
 import statistics
 import time
 from collections.abc import Callable
@@ -150,7 +149,8 @@ def machine_description() -> str:
 
 
 def measure_matmul_peak(dtype: str = "float32", n: int | None = None, reps: int = 5) -> float:
-    """Measured matmul throughput (FLOP/s) of this machine's default JAX device, for MFU denominators."""
+    """Measured matmul throughput (FLOP/s) of this machine's default JAX device, for MFU denominators: the best of
+    ``reps`` square matmuls of size ``n`` (1024 on CPU, 8192 on accelerators)."""
     on_gpu = jax.default_backend() in ("gpu", "cuda", "tpu")
     n = n or (8192 if on_gpu else 1024)
     jdt = jnp.bfloat16 if dtype == "bfloat16" else jnp.float32
@@ -263,16 +263,12 @@ def torch_run_peak_mb(run: Callable[[], Any]) -> float | None:
         return None
 
 
-def process_peak_rss_mb() -> float:
-    """The process's peak resident memory (both frameworks together)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 # ---------------------------------------------------------------------------------------------------- timing
-def time_work(workload: str, work: Work, peak: float, *, warmup: int = 2, reps: int = 5,
+def time_work(workload: str, work: Work, *, warmup: int = 2, reps: int = 5,
               memory: bool = True) -> tuple[list[Result], dict[str, Any]]:
     """Compile / warm up each side (its first call, plus ``prepare``, counted as compile time), then alternate
     repetitions; medians per side. Memory is measured after the timed repetitions, so it cannot disturb them.
+    MFU is left unset (see :func:`set_mfu`).
 
     Returns the results and each side's first-run artifact (for :attr:`Work.compare`).
     """
@@ -302,11 +298,16 @@ def time_work(workload: str, work: Work, peak: float, *, warmup: int = 2, reps: 
     for s in work.sides:
         med = statistics.median(times[s.name])
         mem = s.memory_mb() if (memory and s.memory_mb is not None) else None
-        mfu = None if work.flops is None else work.flops / med / peak
         out.append(Result(workload=workload, side=s.name, tokens=work.items, median_s=med, min_s=min(times[s.name]),
                           compile_s=prep[s.name] + max(first[s.name] - med, 0.0), tokens_per_s=work.items / med,
-                          flops=work.flops, mfu=mfu, peak_mem_mb=mem, check_value=checks[s.name], unit=work.unit))
+                          flops=work.flops, mfu=None, peak_mem_mb=mem, check_value=checks[s.name], unit=work.unit))
     return out, artifacts
+
+
+def set_mfu(results: list[Result], peak: float) -> None:
+    """MFU = matmul FLOPs per run / median time / ``peak`` (FLOP/s), where the workload defines FLOPs."""
+    for r in results:
+        r.mfu = None if r.flops is None else r.flops / r.median_s / peak
 
 
 def check_equal_work(workload: str, work: Work, results: list[Result], artifacts: dict[str, Any],
