@@ -99,16 +99,22 @@ def claim_separation(metrics: Mapping[str, Any]) -> list[Claim]:
 
 def claim_delta_w(metrics: Mapping[str, Any]) -> Claim:
     """ΔW's top left singular vectors lie mostly outside the pretrained weights' 90 %-energy column space."""
-    rows, ok = [], True
+    rows, ok, above_chance = [], True, True
     for m in finetuned(metrics):
         dw = metrics["delta_w"][m]
         s = _mean([dw[mod]["sin_theta_mean"] for mod in MLP_MODULES])
         base = _mean([dw[mod]["random_baseline"] for mod in MLP_MODULES])
         ok &= s > MOSTLY_OUTSIDE
+        above_chance &= s > base
         rows.append(f"{m} {s:.3f} (random direction {base:.3f})")
     ev = ("Mean sin θ of ΔW's top singular vectors over the MLP matrices and layers: " + "; ".join(rows) +
           f". 'Mostly outside' means sin θ > 1/√2 = {MOSTLY_OUTSIDE:.3f}.")
-    reading = ("the update writes into output directions the pretrained weights barely use, as the paper finds." if ok
+    reading = (("the update writes into output directions the pretrained weights barely use, more than a random "
+                "direction would, as the paper finds.") if ok and above_chance else
+               ("by the threshold only: a random direction would lie at least as far outside (in brackets). In this "
+                "small model the pretrained weights' 90 %-energy span leaves most output dimensions free, so ΔW "
+                "meets the threshold without preferring the unused directions; the paper's stronger reading (ΔW "
+                "targets the pretrained null space) is not supported here.") if ok
                else "in this small model the pretrained weights need most of their output dimensions to hold 90 % of "
                "their energy, so little room is left outside their column space: a random direction's sin θ (in "
                "brackets) is the ceiling to compare with. Where ΔW's sin θ sits above that baseline, the update "
