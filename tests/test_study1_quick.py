@@ -132,3 +132,14 @@ def test_report_writer_converts_numpy_and_nan_to_json(tmp_path):
     with open(js) as f:
         assert json.load(f) == {"x": {"a": [0, 1, 2], "b": None, "c": True}}
     assert "| ssft | 0.912 |" in markdown_table([{"m": "ssft", "acc": 0.91234}])
+
+
+def test_config_rejects_unknown_keys_and_bad_lr_scale():
+    cfg = load_config("quick", ["finetune.lr_scale={unlearning: 0.5}"])
+    assert cfg.finetune.lr_scale == {"unlearning": 0.5}
+    with pytest.raises(ValueError, match="finetune.lr_scale"):
+        load_config("quick", ["finetune.lr_scale={unlearn: 0.5}"])
+    with pytest.raises(ValueError, match="finetune.lr_scale"):
+        load_config("quick", ["finetune.lr_scale={dpo: 0}"])
+    with pytest.raises(ValueError, match="unknown key"):
+        load_config("quick", ["finetune.learning_rate=1e-3"])

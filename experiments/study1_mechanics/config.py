@@ -65,11 +65,13 @@ class PretrainSpec:
 @dataclasses.dataclass(frozen=True)
 class FinetuneSpec:
     """Safety fine-tuning: each method at each learning rate; batches all-safe or all-unsafe (unsafe w.p.
-    ``unsafe_frac``). DPO: the study's asymmetric variant (β_w, β_l, length-normalised by T−1) and standard sigmoid
-    DPO (β, summed log-probs); unlearning ℓ(chosen) − ``rejected_weight``·ℓ(rejected)."""
+    ``unsafe_frac``). ``lr_scale`` multiplies every named learning rate of one method (default 1: the study uses
+    one η for all methods). DPO: the study's asymmetric variant (β_w, β_l, length-normalised by T−1) and standard
+    sigmoid DPO (β, summed log-probs); unlearning ℓ(chosen) − ``rejected_weight``·ℓ(rejected)."""
 
     methods: list[str] = dataclasses.field(default_factory=lambda: list(METHODS))
     lrs: dict[str, float] = dataclasses.field(default_factory=lambda: {"eta_M": 1e-4, "eta_S": 1e-5})
+    lr_scale: dict[str, float] = dataclasses.field(default_factory=dict)  # method -> factor on every named lr
     steps: int = 200
     batch_size: int = 32
     unsafe_frac: float = 0.2
@@ -123,6 +125,9 @@ class StudyConfig:
         unknown = [m for m in self.finetune.methods if m not in METHODS]
         if unknown:
             raise ValueError(f"finetune.methods: unknown {unknown}; known: {', '.join(METHODS)}")
+        bad = {m: v for m, v in self.finetune.lr_scale.items() if m not in METHODS or not float(v) > 0}
+        if bad:
+            raise ValueError(f"finetune.lr_scale: {bad} — keys must be methods ({', '.join(METHODS)}), values > 0")
         if not self.finetune.lrs:
             raise ValueError("finetune.lrs is empty: give at least one {name: learning rate}")
 

@@ -268,7 +268,8 @@ def run(cfg: StudyConfig, out: str) -> dict[str, Any]:
     st = Stages(out)
     c = dataclasses.asdict(cfg)
     pre_key = {k: c[k] for k in ("seed", "world", "model", "pretrain")}
-    ft_key = {**pre_key, "finetune": {k: v for k, v in c["finetune"].items() if k not in ("methods", "lrs")}}
+    per_model = ("methods", "lrs", "lr_scale")  # these enter each fine-tuning stage's key as its own lr
+    ft_key = {**pre_key, "finetune": {k: v for k, v in c["finetune"].items() if k not in per_model}}
     eval_key = {k: v for k, v in c.items() if k not in ("name", "notes", "analysis")}
     analysis_key = {**eval_key, "analysis": c["analysis"]}
 
@@ -276,9 +277,9 @@ def run(cfg: StudyConfig, out: str) -> dict[str, Any]:
     tuned: dict[str, Params] = {}
     for lr_name, lr in cfg.finetune.lrs.items():
         for method in cfg.finetune.methods:
-            name = f"{method}@{lr_name}"
-            tuned[name] = st.model(f"finetune_{name}", {**ft_key, "lr": lr}, mcfg, world,
-                                   lambda d, m=method, lr=lr: finetune(cfg, world, mcfg, pre, m, lr, d))
+            name, lr_m = f"{method}@{lr_name}", lr * cfg.finetune.lr_scale.get(method, 1.0)
+            tuned[name] = st.model(f"finetune_{name}", {**ft_key, "lr": lr_m}, mcfg, world,
+                                   lambda d, m=method, lr=lr_m: finetune(cfg, world, mcfg, pre, m, lr, d))
     models = {"pretrained": pre, **tuned}
 
     metrics: dict[str, Any] = {}

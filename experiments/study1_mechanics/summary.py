@@ -52,6 +52,7 @@ def _shrink_note(cfg: StudyConfig, world: World, mcfg: LlamaConfig) -> str:
         f"{p.warmup_steps} + cosine, wd {p.weight_decay:g} (reference: 100k steps of batch 512, lr 1e-3).",
         f"- Safety fine-tuning: {', '.join(ft.methods)} at " +
         ", ".join(f"{k} = {v:g}" for k, v in ft.lrs.items()) +
+        ("; learning rate × " + ", ".join(f"{v:g} for {m}" for m, v in ft.lr_scale.items()) if ft.lr_scale else "") +
         f" (reference η_M = 1e-4, η_S = 1e-5); {ft.steps} steps of batch {ft.batch_size}, "
         f"{ft.unsafe_frac:.0%} all-unsafe batches; DPO β_w = {ft.beta_chosen}, β_l = {ft.beta_rejected} (study "
         f"variant, log-likelihood / (T−1)); standard DPO β = {ft.beta_standard} (sigmoid, summed log-probs); "

@@ -18,18 +18,10 @@ import os
 import sys
 import time
 
-# Thread pools that sleep when idle instead of spinning: on a machine shared with other processes a spinning worker
-# holds a core the others need, and every parallel region then waits for a descheduled thread (README.md, measured:
-# a tiny PyTorch forward at 2 threads took 400 ms with OpenMP's default spin-wait, 10 ms with PASSIVE). Read when the
-# libraries load, so set before anything imports torch, jax or scipy; an explicit environment setting wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")  # OpenBLAS workers spin 2^4 cycles, not 2^28, before sleeping
-
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
+import quiet_threads  # noqa: E402, F401  (before jax, torch, scipy load)
 from common import (  # noqa: E402
     Result,
     check_equal_work,
