@@ -65,3 +65,19 @@ def test_svd_reports_matrices_and_no_mfu(bench):
     svd = [r for r in data["results"] if r["workload"] == "svd"]
     assert all(r["unit"] == "matrices" and r["mfu"] is None for r in svd)
     assert all(r["tokens"] == 2 * 7 for r in svd)  # tiny: 2 layers x 7 linear modules
+
+
+def test_kernel_timings_cover_matmuls_and_svds(tmp_path):
+    sys.path.insert(0, BENCH)
+    try:
+        import kernels
+
+        rows = kernels.main(["--preset", "tiny", "--batch", "2", "--seq", "8", "--reps", "1", "--threads", "1",
+                             "--out", str(tmp_path)])
+    finally:
+        sys.path.remove(BENCH)
+    assert [r["kernel"].split(",")[0].split(" [")[0] for r in rows].count("SVD of an MLP matrix") == 1
+    assert len(rows) == len(kernels.kernel_cases("tiny", 2, 8))
+    for r in rows:
+        assert r["jax ms"] > 0 and r["torch ms"] > 0 and math.isclose(r["JAX/torch"], r["torch ms"] / r["jax ms"])
+    assert (tmp_path / "kernels.md").read_text().count("\n| ") == len(rows) + 1

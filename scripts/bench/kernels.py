@@ -81,18 +81,19 @@ def time_case(shapes: tuple[tuple[int, ...], ...], op: str, reps: int) -> dict[s
     return out
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--preset", default="bench_100m")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--threads", type=int, default=None, help="PyTorch and OpenBLAS threads (default: CPU count)")
     ap.add_argument("--out", default=None, help="folder for kernels.md and kernels.json")
     args = ap.parse_args(argv)
 
     import torch
 
-    set_threads()
+    set_threads(args.threads)
     rows = []
     for name, shapes, op in kernel_cases(args.preset, args.batch, args.seq):
         ms = time_case(shapes, op, args.reps)
@@ -114,6 +115,7 @@ def main(argv: list[str] | None = None) -> None:
             fh.write(table + "\n")
         with open(os.path.join(args.out, "kernels.json"), "w") as fh:
             json.dump(rows, fh, indent=1)
+    return rows
 
 
 if __name__ == "__main__":
