@@ -135,8 +135,12 @@ def test_report_writer_converts_numpy_and_nan_to_json(tmp_path):
 
 
 def test_config_rejects_unknown_keys_and_bad_lr_scale():
-    cfg = load_config("quick", ["finetune.lr_scale={unlearning: 0.5}"])
-    assert cfg.finetune.lr_scale == {"unlearning": 0.5}
+    from experiments.study1_mechanics.run import finetune_runs
+
+    cfg = load_config("quick", ["finetune.lrs={eta_M: 1e-3, eta_S: 1e-4}", "finetune.methods=[ssft, unlearning]",
+                                "finetune.lr_scale={unlearning: 0.5}"])
+    assert finetune_runs(cfg) == {"ssft@eta_M": ("ssft", 1e-3), "unlearning@eta_M": ("unlearning", 5e-4),
+                                  "ssft@eta_S": ("ssft", 1e-4), "unlearning@eta_S": ("unlearning", 5e-5)}
     with pytest.raises(ValueError, match="finetune.lr_scale"):
         load_config("quick", ["finetune.lr_scale={unlearn: 0.5}"])
     with pytest.raises(ValueError, match="finetune.lr_scale"):

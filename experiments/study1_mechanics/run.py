@@ -255,6 +255,12 @@ def attack_stage(cfg: StudyConfig, mcfg: LlamaConfig, models: dict[str, Params],
 
 
 # ---------------------------------------------------------------------------------------------------- main
+def finetune_runs(cfg: StudyConfig) -> dict[str, tuple[str, float]]:
+    """``{"method@lr_name": (method, learning rate)}``: every method at every named lr, times its ``lr_scale``."""
+    f = cfg.finetune
+    return {f"{m}@{name}": (m, lr * f.lr_scale.get(m, 1.0)) for name, lr in f.lrs.items() for m in f.methods}
+
+
 def run(cfg: StudyConfig, out: str) -> dict[str, Any]:
     """Every stage of the study into ``out``; returns the metrics written to ``metrics.json``."""
     t_start = time.perf_counter()
@@ -275,11 +281,9 @@ def run(cfg: StudyConfig, out: str) -> dict[str, Any]:
 
     pre = st.model("pretrain", pre_key, mcfg, world, lambda d: pretrain(cfg, world, mcfg, d))
     tuned: dict[str, Params] = {}
-    for lr_name, lr in cfg.finetune.lrs.items():
-        for method in cfg.finetune.methods:
-            name, lr_m = f"{method}@{lr_name}", lr * cfg.finetune.lr_scale.get(method, 1.0)
-            tuned[name] = st.model(f"finetune_{name}", {**ft_key, "lr": lr_m}, mcfg, world,
-                                   lambda d, m=method, lr=lr_m: finetune(cfg, world, mcfg, pre, m, lr, d))
+    for name, (method, lr) in finetune_runs(cfg).items():
+        tuned[name] = st.model(f"finetune_{name}", {**ft_key, "lr": lr}, mcfg, world,
+                               lambda d, m=method, lr=lr: finetune(cfg, world, mcfg, pre, m, lr, d))
     models = {"pretrained": pre, **tuned}
 
     metrics: dict[str, Any] = {}

@@ -22,10 +22,12 @@ from collections.abc import Callable
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import quiet_threads  # noqa: E402, F401  (sets thread-pool env vars: before jax, torch, scipy load)
+
+# isort: split
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-import quiet_threads  # noqa: E402, F401  (before jax, torch, scipy load)
 from common import machine_description, set_threads  # noqa: E402
 
 from safety_jax.model.config import get_preset  # noqa: E402
@@ -58,6 +60,13 @@ def kernel_cases(preset: str, batch: int, seq: int) -> list[tuple[str, tuple[tup
     ]
 
 
+def _check_same(a: np.ndarray, b: np.ndarray, what: str, shapes: tuple[tuple[int, ...], ...]) -> None:
+    """Equal work: both frameworks' results agree to float32 accuracy (relative to the largest entry)."""
+    err = float(np.max(np.abs(a - b))) / max(float(np.max(np.abs(b))), 1e-30)
+    if a.shape != b.shape or err > 1e-4:
+        raise RuntimeError(f"kernels: JAX and PyTorch {what} differ for shapes {shapes} (max rel. error {err:.1e})")
+
+
 def time_case(shapes: tuple[tuple[int, ...], ...], op: str, reps: int) -> dict[str, float]:
     """Median ms of the kernel in JAX (jitted), PyTorch, and for SVDs numpy/scipy's LAPACK (what JAX's CPU SVD uses)."""
     import torch
@@ -68,12 +77,14 @@ def time_case(shapes: tuple[tuple[int, ...], ...], op: str, reps: int) -> dict[s
     t = [torch.from_numpy(a) for a in arrays]
     if op == "matmul":
         fj = jax.jit(lambda a, b: a @ b)
+        _check_same(np.asarray(fj(*j)), (t[0] @ t[1]).numpy(), "matmul", shapes)
         out = {"jax": _median_ms(lambda: fj(*j), reps, jax.block_until_ready),
                "torch": _median_ms(lambda: t[0] @ t[1], reps, lambda x: x)}
     else:
         import scipy.linalg
 
         fj = jax.jit(lambda a: jnp.linalg.svd(a, full_matrices=False))
+        _check_same(np.asarray(fj(j[0])[1]), torch.linalg.svdvals(t[0]).numpy(), "singular values", shapes)
         out = {"jax": _median_ms(lambda: fj(j[0]), reps, jax.block_until_ready),
                "torch": _median_ms(lambda: torch.linalg.svd(t[0], full_matrices=False), reps, lambda x: x),
                "scipy gesdd": _median_ms(lambda: scipy.linalg.svd(arrays[0], full_matrices=False,

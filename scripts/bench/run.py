@@ -19,9 +19,11 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import quiet_threads  # noqa: E402, F401  (sets thread-pool env vars: before jax, torch, scipy load)
+
+# isort: split
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
-import quiet_threads  # noqa: E402, F401  (before jax, torch, scipy load)
 from common import (  # noqa: E402
     Result,
     check_equal_work,
