@@ -15,6 +15,7 @@ import pytest
 from experiments.study1_mechanics.claims import JAILBREAKS
 from experiments.study1_mechanics.config import load_config
 from experiments.study1_mechanics.run import run
+from safety_jax.data.synthetic import build_world, get_world_config
 
 CLAIM_STATEMENTS = (
     "Cluster separation grows after safety fine-tuning",
@@ -147,3 +148,21 @@ def test_config_rejects_unknown_keys_and_bad_lr_scale():
         load_config("quick", ["finetune.lr_scale={dpo: 0}"])
     with pytest.raises(ValueError, match="unknown key"):
         load_config("quick", ["finetune.learning_rate=1e-3"])
+    with pytest.raises(ValueError, match="finetune.batch_mix"):
+        load_config("quick", ["finetune.batch_mix=mixed"])
+    with pytest.raises(ValueError, match="finetune.unsafe_frac"):
+        load_config("quick", ["finetune.unsafe_frac=2"])
+
+
+def test_per_example_batch_mix_puts_unsafe_rows_in_every_batch():
+    from experiments.study1_mechanics.run import safety_batches
+
+    cfg = load_config("quick", ["finetune.batch_mix=per_example", "finetune.unsafe_frac=0.5",
+                                "finetune.batch_size=8"])
+    overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.world.overrides.items()}
+    world = build_world(get_world_config(cfg.world.preset, **overrides))
+    for step in range(3):
+        assert safety_batches(cfg, world, step).is_unsafe.sum() == 4
+    per_batch = load_config("quick", ["finetune.unsafe_frac=0.5", "finetune.batch_size=8"])
+    counts = {int(safety_batches(per_batch, world, s).is_unsafe.sum()) for s in range(20)}
+    assert counts == {0, 8}

@@ -241,6 +241,20 @@ def test_safety_completions_dpo_pairs_and_loss_mask(name):
         assert b.take(slice(0, 3)).tokens.shape == (3, t)
 
 
+def test_mixed_safety_batch_holds_the_requested_share_of_unsafe_rows():
+    w = world("quick")
+    b = sets.mixed_safety_batch(w, 16, 0.25, 3)
+    assert len(b) == 16 and b.is_unsafe[:4].all() and not b.is_unsafe[4:].any()
+    assert (b.tokens[:4] == b.refusal[:4]).all() and (b.tokens[4:] == b.transform[4:]).all()
+    assert (b.dpo()["rejected_tokens"][:4] == b.transform[:4]).all()
+    assert sets.mixed_safety_batch(w, 16, 1.0, 3).is_unsafe.all()
+    assert not sets.mixed_safety_batch(w, 16, 0.0, 3).is_unsafe.any()
+    same = sets.mixed_safety_batch(w, 16, 0.25, 3)
+    assert (same.tokens == b.tokens).all()
+    with pytest.raises(syn.WorldError, match="unsafe_frac"):
+        sets.mixed_safety_batch(w, 16, 1.5, 3)
+
+
 def test_pretraining_mixture_masks_and_constant_output_examples():
     w = world("demo")
     k, t = w.config.n_ops, w.config.seq_len

@@ -28,6 +28,7 @@ _Loader.add_implicit_resolver(
                 |\.[0-9_]+(?:[eE][-+][0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$""", re.X),
     list("-+0123456789."))
 METHODS = ("ssft", "dpo", "dpo_standard", "unlearning")
+BATCH_MIXES = ("per_batch", "per_example")  # fine-tuning batches: all-safe / all-unsafe, or mixed rows
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,10 +65,11 @@ class PretrainSpec:
 
 @dataclasses.dataclass(frozen=True)
 class FinetuneSpec:
-    """Safety fine-tuning: each method at each learning rate; batches all-safe or all-unsafe (unsafe w.p.
-    ``unsafe_frac``). ``lr_scale`` multiplies every named learning rate of one method (default 1: the study uses
-    one η for all methods). DPO: the study's asymmetric variant (β_w, β_l, length-normalised by T−1) and standard
-    sigmoid DPO (β, summed log-probs); unlearning ℓ(chosen) − ``rejected_weight``·ℓ(rejected)."""
+    """Safety fine-tuning: each method at each learning rate. ``batch_mix="per_batch"`` (the study's): each batch is
+    all-unsafe w.p. ``unsafe_frac``, else all-safe; ``"per_example"``: every batch holds ``unsafe_frac`` unsafe rows.
+    ``lr_scale`` multiplies every named learning rate of one method (default 1: the study uses one η for all
+    methods). DPO: the study's asymmetric variant (β_w, β_l, length-normalised by T−1) and standard sigmoid DPO
+    (β, summed log-probs); unlearning ℓ(chosen) − ``rejected_weight``·ℓ(rejected)."""
 
     methods: list[str] = dataclasses.field(default_factory=lambda: list(METHODS))
     lrs: dict[str, float] = dataclasses.field(default_factory=lambda: {"eta_M": 1e-4, "eta_S": 1e-5})
@@ -75,6 +77,7 @@ class FinetuneSpec:
     steps: int = 200
     batch_size: int = 32
     unsafe_frac: float = 0.2
+    batch_mix: str = "per_batch"   # or "per_example"
     schedule: str = "cosine"   # warmup then cosine decay to 1 % (the reference); or "constant"
     warmup_steps: int = 0
     weight_decay: float = 1e-4
@@ -128,6 +131,10 @@ class StudyConfig:
         bad = {m: v for m, v in self.finetune.lr_scale.items() if m not in METHODS or not float(v) > 0}
         if bad:
             raise ValueError(f"finetune.lr_scale: {bad} — keys must be methods ({', '.join(METHODS)}), values > 0")
+        if self.finetune.batch_mix not in BATCH_MIXES:
+            raise ValueError(f"finetune.batch_mix={self.finetune.batch_mix!r}; choose one of {BATCH_MIXES}")
+        if not 0.0 <= self.finetune.unsafe_frac <= 1.0:
+            raise ValueError(f"finetune.unsafe_frac={self.finetune.unsafe_frac} must be in [0, 1]")
         if not self.finetune.lrs:
             raise ValueError("finetune.lrs is empty: give at least one {name: learning rate}")
 

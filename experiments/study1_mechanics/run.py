@@ -38,7 +38,13 @@ from experiments.study1_mechanics import summary
 from experiments.study1_mechanics.config import StudyConfig, load_config
 from safety_jax.analysis.weights import delta_weight_analysis, interpolate_params, module_matrix
 from safety_jax.data.synthetic import World, build_tokenizer, build_world, get_world_config
-from safety_jax.data.synthetic_sets import SyntheticBatch, make_test_sets, pretrain_batch, safety_batch
+from safety_jax.data.synthetic_sets import (
+    SyntheticBatch,
+    make_test_sets,
+    mixed_safety_batch,
+    pretrain_batch,
+    safety_batch,
+)
 from safety_jax.eval import harness
 from safety_jax.model.config import LlamaConfig, get_preset
 from safety_jax.model.hf import load_hf, save_hf
@@ -150,10 +156,14 @@ def pretrain(cfg: StudyConfig, world: World, mcfg: LlamaConfig, out_dir: str) ->
 
 
 def safety_batches(cfg: StudyConfig, world: World, step: int) -> SyntheticBatch:
-    """Fine-tuning batch ``step``: all-unsafe w.p. ``unsafe_frac``, else all-safe (the same for every method)."""
+    """Fine-tuning batch ``step`` (the same for every method): all-unsafe w.p. ``unsafe_frac``, else all-safe; or,
+    with ``batch_mix="per_example"``, ``unsafe_frac`` of its rows unsafe."""
+    f = cfg.finetune
     rng = np.random.default_rng([cfg.seed, 1, step])
-    kind = "unsafe" if rng.random() < cfg.finetune.unsafe_frac else "safe"
-    return safety_batch(world, kind, cfg.finetune.batch_size, rng, cfg.world.grammars)
+    if f.batch_mix == "per_example":
+        return mixed_safety_batch(world, f.batch_size, f.unsafe_frac, rng, cfg.world.grammars)
+    kind = "unsafe" if rng.random() < f.unsafe_frac else "safe"
+    return safety_batch(world, kind, f.batch_size, rng, cfg.world.grammars)
 
 
 def finetune(cfg: StudyConfig, world: World, mcfg: LlamaConfig, pre: Params, method: str, lr: float,

@@ -38,6 +38,8 @@ def _shrink_note(cfg: StudyConfig, world: World, mcfg: LlamaConfig) -> str:
                   ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads")
                   if getattr(ref_model, f) != getattr(mcfg, f)}
     p, ft = cfg.pretrain, cfg.finetune
+    mix = (f"{ft.unsafe_frac:.0%} all-unsafe batches" if ft.batch_mix == "per_batch"
+           else f"{ft.unsafe_frac:.0%} unsafe rows in every batch")
     lines = [
         f"- Config `{cfg.name}`. {cfg.notes}".rstrip(),
         f"- World: preset `{cfg.world.preset}`" + (", changed vs reference: " + ", ".join(
@@ -53,8 +55,8 @@ def _shrink_note(cfg: StudyConfig, world: World, mcfg: LlamaConfig) -> str:
         f"- Safety fine-tuning: {', '.join(ft.methods)} at " +
         ", ".join(f"{k} = {v:g}" for k, v in ft.lrs.items()) +
         ("; learning rate × " + ", ".join(f"{v:g} for {m}" for m, v in ft.lr_scale.items()) if ft.lr_scale else "") +
-        f" (reference η_M = 1e-4, η_S = 1e-5); {ft.steps} steps of batch {ft.batch_size}, "
-        f"{ft.unsafe_frac:.0%} all-unsafe batches; DPO β_w = {ft.beta_chosen}, β_l = {ft.beta_rejected} (study "
+        f" (reference η_M = 1e-4, η_S = 1e-5); {ft.steps} steps of batch {ft.batch_size}, {mix}; "
+        f"DPO β_w = {ft.beta_chosen}, β_l = {ft.beta_rejected} (study "
         f"variant, log-likelihood / (T−1)); standard DPO β = {ft.beta_standard} (sigmoid, summed log-probs); "
         f"unlearning ℓ(chosen) − {ft.rejected_weight}·ℓ(rejected).",
         f"- Analyses: τ window `>` + {cfg.analysis.tau_width - 1} positions; ΔW top {cfg.analysis.top_k} directions vs "

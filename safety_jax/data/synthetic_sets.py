@@ -286,6 +286,30 @@ def safety_batch(
     )
 
 
+def mixed_safety_batch(
+    world: World, n: int, unsafe_frac: float, rng: np.random.Generator | int, grammars: list[int] | None = None
+) -> SyntheticBatch:
+    """``n`` fine-tuning examples of which ``round(unsafe_frac · n)`` are standard unsafe (first) and the rest
+    standard safe: a batch that mixes the two classes instead of being all-safe or all-unsafe."""
+    if not 0.0 <= unsafe_frac <= 1.0:
+        raise WorldError(f"unsafe_frac={unsafe_frac} must be in [0, 1]")
+    rng = np.random.default_rng(rng)
+    n_unsafe = int(round(unsafe_frac * n))
+    parts = [safety_batch(world, kind, m, rng, grammars) for kind, m in (("unsafe", n_unsafe), ("safe", n - n_unsafe))]
+    return concat_batches([b for b in parts if len(b)])
+
+
+def concat_batches(batches: list[SyntheticBatch]) -> SyntheticBatch:
+    """Rows of several batches of the same world, in order (optional fields kept only if every batch has them)."""
+    if not batches:
+        raise WorldError("concat_batches: no batches given")
+    out = {}
+    for f in dataclasses.fields(SyntheticBatch):
+        values = [getattr(b, f.name) for b in batches]
+        out[f.name] = None if any(v is None for v in values) else np.concatenate(values)
+    return SyntheticBatch(**out)
+
+
 def make_test_sets(
     world: World, n: int, rng: np.random.Generator | int, grammars: list[int] | None = None
 ) -> dict[str, SyntheticBatch]:
