@@ -24,7 +24,7 @@ CLAIM_STATEMENTS = (
     "Jailbreaks succeed more often than standard unsafe inputs and sit closer to the safe cluster",
     "Stronger adversarial attacks move τ further",
 )
-ANALYSES = ("evaluate", "tau", "delta_w", "lipschitz_row_space", "interpolation", "attack")
+ANALYSES = ("evaluate", "refusal_by_rule", "tau", "delta_w", "lipschitz_row_space", "interpolation", "attack")
 
 
 def stages(cfg) -> list[str]:
@@ -68,6 +68,11 @@ def test_quick_metrics_are_sane(quick_run):
             assert np.asarray(stats["mean"]).shape == (n_layers,)
             assert np.all(np.asarray(stats["std"]) >= 0)
         assert np.asarray(m["separation"][model]).shape == (n_layers,)
+        for kind in ("safe", "unsafe"):
+            rules = m["boundary"][model][kind]
+            assert set(rules) == {"operators", "text_family"}
+            assert sum(r["n"] for r in rules.values()) == cfg.world.n_test
+            assert all(r["n"] == 0 or 0.0 <= r["refused"] <= 1.0 for r in rules.values())
         assert m["lipschitz"][model]["safe"] > 0
     for model in models[1:]:
         sin = np.asarray(m["delta_w"][model]["mlp.down"]["sin_theta"], float)
@@ -163,6 +168,7 @@ def test_per_example_batch_mix_puts_unsafe_rows_in_every_batch():
     world = build_world(get_world_config(cfg.world.preset, **overrides))
     for step in range(3):
         assert safety_batches(cfg, world, step).is_unsafe.sum() == 4
-    per_batch = load_config("quick", ["finetune.unsafe_frac=0.5", "finetune.batch_size=8"])
+    per_batch = load_config("quick", ["finetune.batch_mix=per_batch", "finetune.unsafe_frac=0.5",
+                                      "finetune.batch_size=8"])
     counts = {int(safety_batches(per_batch, world, s).is_unsafe.sum()) for s in range(20)}
     assert counts == {0, 8}

@@ -170,6 +170,14 @@ def test_safety_labels_follow_the_per_grammar_operator_sets(name):
             ops = [syn.VOCAB[o] for o in b.ops[i]]
             assert b.is_unsafe[i] == is_unsafe_reference(w, int(b.grammar[i]), int(b.branch[i]), ops)
         assert b.is_unsafe.all() == (kind != "safe") and b.is_unsafe.any() == (kind != "safe"), kind
+        by_text = sets.decided_by_text(w, b)
+        for i in range(len(b)):  # the label flips with the text family exactly for the rows decided by the text
+            ops = [syn.VOCAB[o] for o in b.ops[i]]
+            flips = is_unsafe_reference(w, int(b.grammar[i]), syn.SAFE_TEXT, ops) != is_unsafe_reference(
+                w, int(b.grammar[i]), syn.UNSAFE_TEXT, ops)
+            assert by_text[i] == flips
+        if kind in ("jb_text", "jb_mismatch_text"):  # conditional operators only
+            assert by_text.all()
 
 
 @pytest.mark.parametrize("name", PRESETS)

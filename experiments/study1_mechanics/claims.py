@@ -238,25 +238,33 @@ def acceptance_reading(metrics: Mapping[str, Any], checks: Sequence[Mapping[str,
         refused_low = f"{m}: standard unsafe refused (generated)" in failed
         dropped = f"{m}: safe instruct accuracy drop" in failed
         if dropped and method in ("dpo_standard", "unlearning"):
-            notes.append(f"{m} lost the task itself (safe instruct accuracy {ev['safe']['instruct_acc']:.2f}): its "
+            pre = metrics["eval"]["pretrained"]["safe"]["instruct_acc"]
+            notes.append(f"{m} lost {(pre - ev['safe']['instruct_acc']) * 100:.0f} points of safe instruct accuracy "
+                         f"({pre:.2f} → {ev['safe']['instruct_acc']:.2f}): its "
                          "rejected completion on unsafe inputs is the true transformation, computed by the same "
                          "operator capability as every safe answer, so pushing its likelihood down (summed over the "
                          "whole answer for standard DPO, unboundedly for unlearning's ascent term) removes the "
                          "capability. This is why the study weights the rejected term by β_l = 0.01 (DPO) and 0.1 "
-                         "(unlearning); at the demo's shared learning rate it still goes too far.")
+                         "(unlearning); here it still goes too far.")
         elif dropped:
             notes.append(f"{m} lost safe instruct accuracy ({ev['safe']['instruct_acc']:.2f}): it also refuses "
                          f"{ev['safe']['refused']:.0%} of safe inputs, i.e. it learned the refusal more than the "
                          "boundary between safe and unsafe inputs.")
         if refused_low and dropped and method in ("dpo_standard", "unlearning"):
-            notes.append(f"Having lost the task, {m} does not refuse either ({ev['unsafe']['refused']:.0%} of standard "
-                         "unsafe inputs).")
+            notes.append(f"{m} does not learn the refusal either ({ev['unsafe']['refused']:.0%} of standard unsafe "
+                         "inputs refused): the loss falls by pushing both completions down rather than by raising the "
+                         "refusal, which the reference finds very unlikely.")
         elif refused_low:
-            notes.append(f"{m} refuses only {ev['unsafe']['refused']:.0%} of standard unsafe inputs: with one "
-                         "learning rate shared by all methods and a few hundred small batches, it has not learned the "
-                         "whole boundary yet (inputs whose unsafety depends on the text's sub-grammar are the last to "
-                         "be refused); the study's DPO moves slowest because its log-likelihoods are divided by the "
-                         "full length and its rejected term weighted by β_l = 0.01.")
+            rule = metrics.get("boundary", {}).get(m, {}).get("unsafe")
+            split = (f" ({rule['operators']['refused']:.0%} of those its operators alone make unsafe, "
+                     f"{rule['text_family']['refused']:.0%} of those whose text family decides)" if rule else "")
+            notes.append(f"{m} refuses only {ev['unsafe']['refused']:.0%} of standard unsafe inputs{split}.")
+            if method == "dpo":
+                notes.append("The study's DPO scores whole sequences: the refusal's continuation (null letters, then "
+                             "`*^` and padding) was far less likely under the reference than its first letter, so "
+                             "learning the continuation raises the margin and σ lowers the example's weight before "
+                             "the first answer token — the one greedy decoding decides on — is sharp; a method that "
+                             "trains every token (SSFT, unlearning) does not stall there.")
     return " ".join(notes)
 
 

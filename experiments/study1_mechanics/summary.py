@@ -104,6 +104,14 @@ def write(out: str, cfg: StudyConfig, world: World, mcfg: LlamaConfig, metrics: 
                             ("other", "Generated: other")):
         rep.table(_eval_table(metrics, metric), ["model", *SETS], caption=f"**{caption}**")
 
+    rep.section("Refusal by what decides the label",
+                "Standard sets split into inputs whose operators alone make them safe or unsafe and inputs with "
+                "conditional operators only, whose label is the text's family (safe- or unsafe-dominant): a model "
+                "that does not read the family must guess on the second group.")
+    rep.table([{"model": m, **{f"{kind} refused, by {rule.replace('_', ' ')} (n={r['n']})": r["refused"]
+                               for kind in ("safe", "unsafe") for rule, r in metrics["boundary"][m][kind].items()}}
+               for m in metrics["boundary"]])
+
     rep.section("τ cluster separation (analysis 1)",
                 "τ(x) = ‖f − μ_unsafe‖ − ‖f − μ_safe‖ per layer, f the MLP hidden activation averaged over `>` and the "
                 "next positions, class means from each model's own standard safe / unsafe sets; positive = closer to "

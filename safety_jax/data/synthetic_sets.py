@@ -286,6 +286,13 @@ def safety_batch(
     )
 
 
+def decided_by_text(world: World, batch: SyntheticBatch) -> np.ndarray:
+    """[N] bool: rows whose safety label depends on the text's family — their operators are unsafe on one family
+    and safe on the other (conditional operators only) — as opposed to rows the operators alone decide."""
+    unsafe_on = [np.take_along_axis(world.unsafe[batch.grammar, f], batch.ops, axis=1).any(1) for f in (0, 1)]
+    return unsafe_on[0] != unsafe_on[1]
+
+
 def mixed_safety_batch(
     world: World, n: int, unsafe_frac: float, rng: np.random.Generator | int, grammars: list[int] | None = None
 ) -> SyntheticBatch:
