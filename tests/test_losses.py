@@ -187,6 +187,20 @@ def test_dpo_loss_on_model_matches_numpy(models, pair_batch, loss_type):
     np.testing.assert_allclose(float(metrics["logits/chosen"]), logits_c[m].mean(), rtol=1e-5, atol=1e-6)
 
 
+def test_dpo_rpo_alpha_adds_the_chosen_token_mean_nll(models, pair_batch):
+    """TRL's rpo_alpha: loss = DPO + α · (Σ chosen-token NLL / number of chosen tokens in the batch)."""
+    policy, ref = models
+    plain, _ = _loss("dpo", beta=BETA)(policy, pair_batch, {"ref_params": ref})
+    loss, metrics = _loss("dpo", beta=BETA, rpo_alpha=0.7)(policy, pair_batch, {"ref_params": ref})
+    s, n = np_seq_logps(_logits(policy, pair_batch, "chosen_"), pair_batch["chosen_tokens"],
+                        pair_batch["chosen_loss_mask"])
+    nll = -s.sum() / n.sum()
+    assert abs(float(metrics["nll_loss"]) - nll) <= 1e-6 * abs(nll)
+    assert abs(float(loss) - (float(plain) + 0.7 * nll)) <= 1e-6 * abs(float(loss))
+    with pytest.raises(ValueError, match="rpo_alpha"):
+        _loss("dpo", beta=BETA, rpo_alpha=-1.0)
+
+
 def test_dpo_precomputed_reference_equals_on_the_fly(models, pair_batch):
     policy, ref = models
     loss_fn = _loss("dpo", beta=BETA, loss_type="sigmoid")

@@ -84,6 +84,7 @@ class FinetuneSpec:
     beta_chosen: float = 0.1
     beta_rejected: float = 0.01
     beta_standard: float = 0.1
+    rpo_alpha: float = 0.0      # standard DPO only: + α·NLL(chosen) (TRL's rpo_alpha); 0 = plain DPO
     rejected_weight: float = 0.1
 
 

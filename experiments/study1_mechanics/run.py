@@ -176,7 +176,8 @@ def finetune(cfg: StudyConfig, world: World, mcfg: LlamaConfig, pre: Params, met
     loss_fn = {
         "ssft": lambda: losses.make_sft_loss(mcfg),
         "dpo": lambda: losses.make_synthetic_dpo_loss(mcfg, beta_chosen=f.beta_chosen, beta_rejected=f.beta_rejected),
-        "dpo_standard": lambda: losses.make_dpo_loss(mcfg, beta=f.beta_standard, loss_type="sigmoid"),
+        "dpo_standard": lambda: losses.make_dpo_loss(mcfg, beta=f.beta_standard, loss_type="sigmoid",
+                                                     rpo_alpha=f.rpo_alpha),
         "unlearning": lambda: losses.make_synthetic_unlearning_loss(mcfg, rejected_weight=f.rejected_weight),
     }[method]()
     pairs = method != "ssft"

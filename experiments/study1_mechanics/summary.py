@@ -57,7 +57,8 @@ def _shrink_note(cfg: StudyConfig, world: World, mcfg: LlamaConfig) -> str:
         ("; learning rate × " + ", ".join(f"{v:g} for {m}" for m, v in ft.lr_scale.items()) if ft.lr_scale else "") +
         f" (reference η_M = 1e-4, η_S = 1e-5); {ft.steps} steps of batch {ft.batch_size}, {mix}; "
         f"DPO β_w = {ft.beta_chosen}, β_l = {ft.beta_rejected} (study "
-        f"variant, log-likelihood / (T−1)); standard DPO β = {ft.beta_standard} (sigmoid, summed log-probs); "
+        f"variant, log-likelihood / (T−1)); standard DPO β = {ft.beta_standard} (sigmoid, summed log-probs"
+        f"{f' + {ft.rpo_alpha:g}·NLL(chosen)' if ft.rpo_alpha else ''}); "
         f"unlearning ℓ(chosen) − {ft.rejected_weight}·ℓ(rejected).",
         f"- Analyses: τ window `>` + {cfg.analysis.tau_width - 1} positions; ΔW top {cfg.analysis.top_k} directions vs "
         f"the pretrained {cfg.analysis.energy:.0%}-energy column space; α ∈ {cfg.analysis.alphas}; Lipschitzness, "

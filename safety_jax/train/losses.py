@@ -251,9 +251,12 @@ def _pair_ref_logps(batch, aux, config, lora_cfg, remat) -> tuple[jax.Array, jax
 
 
 def make_dpo_loss(config: LlamaConfig, *, beta: float = 0.1, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
-                  beta_rejected: float | None = None, length_norm: str | None = None,
+                  beta_rejected: float | None = None, length_norm: str | None = None, rpo_alpha: float = 0.0,
                   lora_cfg: LoraConfig | None = None, remat: bool = False) -> LossFn:
     """DPO with TRL's loss types and metric names (see :func:`dpo_loss_from_logps`).
+
+    rpo_alpha: TRL's ``rpo_alpha`` (Pang et al. 2024, RPO): adds ``α · NLL(chosen)``, the chosen completion's token
+    NLL averaged over every chosen completion token of the batch (an SFT anchor on the preferred answer); 0 = plain DPO.
 
     length_norm: how per-sequence log-probs are scaled before Δ — ``"none"`` (summed, TRL sigmoid/hinge),
     ``"tokens"`` (÷ completion tokens; TRL's IPO, the default for ipo), ``"full"`` (÷ the number of predicted positions
@@ -268,6 +271,8 @@ def make_dpo_loss(config: LlamaConfig, *, beta: float = 0.1, loss_type: str = "s
     length_norm = length_norm or ("tokens" if loss_type == "ipo" else "none")
     if length_norm not in LENGTH_NORMS:
         raise ValueError(f"DPO length_norm={length_norm!r}; choose one of {LENGTH_NORMS}")
+    if not rpo_alpha >= 0.0:
+        raise ValueError(f"DPO rpo_alpha={rpo_alpha} must be >= 0 (0 disables the chosen-NLL term)")
 
     def normalise(x, counts, full_len):
         if length_norm == "tokens":
@@ -277,6 +282,8 @@ def make_dpo_loss(config: LlamaConfig, *, beta: float = 0.1, loss_type: str = "s
     def loss_fn(params: Params, batch: Batch, aux: Mapping[str, Any] | None = None) -> tuple[jax.Array, Metrics]:
         pc, pr, nc, nr, logits_c, logits_r = _pair_logps(params, batch, config, lora_cfg, remat)
         rc, rr = _pair_ref_logps(batch, aux, config, lora_cfg, remat)
+        w = jnp.asarray(batch.get("example_mask", jnp.ones_like(nc)), jnp.float32)
+        chosen_nll = -jnp.sum(w * pc) / jnp.maximum(jnp.sum(w * nc), 1.0)  # token mean, before any normalisation
         full_c, full_r = batch["chosen_tokens"].shape[1] - 1, batch["rejected_tokens"].shape[1] - 1
         pc, rc = normalise(pc, nc, full_c), normalise(rc, nc, full_c)
         pr, rr = normalise(pr, nr, full_r), normalise(rr, nr, full_r)
@@ -284,8 +291,12 @@ def make_dpo_loss(config: LlamaConfig, *, beta: float = 0.1, loss_type: str = "s
                                                    label_smoothing=label_smoothing, beta_rejected=beta_rejected)
         mean = lambda x: example_mean(jax.lax.stop_gradient(x), batch)
         loss = example_mean(losses, batch)
+        extra = {}
+        if rpo_alpha:
+            loss = loss + rpo_alpha * chosen_nll
+            extra = {"nll_loss": jax.lax.stop_gradient(chosen_nll)}
         return loss, {
-            "loss": loss, "rewards/chosen": mean(rew_c), "rewards/rejected": mean(rew_r),
+            "loss": loss, **extra, "rewards/chosen": mean(rew_c), "rewards/rejected": mean(rew_r),
             "rewards/margins": mean(rew_c - rew_r), "rewards/accuracies": mean((rew_c > rew_r) * 1.0),
             "logps/chosen": mean(pc), "logps/rejected": mean(pr),
             "logits/chosen": jax.lax.stop_gradient(logits_c), "logits/rejected": jax.lax.stop_gradient(logits_r)}
