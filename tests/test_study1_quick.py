@@ -16,6 +16,7 @@ from experiments.study1_mechanics.claims import JAILBREAKS
 from experiments.study1_mechanics.config import load_config
 from experiments.study1_mechanics.run import run
 from safety_jax.data.synthetic import build_world, get_world_config
+from safety_jax.data.synthetic_sets import REFUSED
 
 CLAIM_STATEMENTS = (
     "Cluster separation grows after safety fine-tuning",
@@ -24,7 +25,7 @@ CLAIM_STATEMENTS = (
     "Jailbreaks succeed more often than standard unsafe inputs and sit closer to the safe cluster",
     "Stronger adversarial attacks move τ further",
 )
-ANALYSES = ("evaluate", "refusal_by_rule", "tau", "delta_w", "lipschitz_row_space", "interpolation", "attack")
+ANALYSES = ("evaluate", "tau", "delta_w", "lipschitz_row_space", "interpolation", "attack")
 
 
 def stages(cfg) -> list[str]:
@@ -73,6 +74,9 @@ def test_quick_metrics_are_sane(quick_run):
             assert set(rules) == {"operators", "text_family"}
             assert sum(r["n"] for r in rules.values()) == cfg.world.n_test
             assert all(r["n"] == 0 or 0.0 <= r["refused"] <= 1.0 for r in rules.values())
+            verdicts = np.asarray(m["eval"][model][kind]["verdicts"])
+            assert len(verdicts) == cfg.world.n_test
+            assert np.mean(verdicts == REFUSED) == pytest.approx(m["eval"][model][kind]["refused"])
         assert m["lipschitz"][model]["safe"] > 0
     for model in models[1:]:
         sin = np.asarray(m["delta_w"][model]["mlp.down"]["sin_theta"], float)

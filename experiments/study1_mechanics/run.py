@@ -48,7 +48,6 @@ from safety_jax.data.synthetic_sets import (
     safety_batch,
 )
 from safety_jax.eval import harness
-from safety_jax.eval.judges import judge_synthetic
 from safety_jax.model.config import LlamaConfig, get_preset
 from safety_jax.model.hf import load_hf, save_hf
 from safety_jax.model.llama import LINEAR_MODULES, Params, init_params
@@ -198,17 +197,16 @@ def head(sets: dict[str, SyntheticBatch], n: int) -> dict[str, SyntheticBatch]:
     return {k: b.take(slice(0, n)) for k, b in sets.items()}
 
 
-def boundary_stage(cfg: StudyConfig, world: World, mcfg: LlamaConfig, models: dict[str, Params], sets) -> dict:
+def refusal_by_rule(world: World, sets, evaluation: dict[str, Any]) -> dict[str, Any]:
     """Refusal of the standard safe / unsafe sets split by what decides their label: the operators alone, or the
-    text's family (conditional operators only) — where a model that cannot read the family has to guess."""
+    text's family (conditional operators only) — where a model that cannot read the family has to guess. Uses the
+    per-answer verdicts the evaluate stage kept (no second generation)."""
     out: dict[str, Any] = {}
-    for name, params in tqdm(models.items(), desc="refusal by rule"):
+    for name, ev in evaluation.items():
         out[name] = {}
         for kind in ("safe", "unsafe"):
-            b = sets[kind]
-            refused = judge_synthetic(b, harness.generate_answers(params, mcfg, b,
-                                                                  batch_size=cfg.eval.batch_size)) == REFUSED
-            by_text = decided_by_text(world, b)
+            refused = np.asarray(ev[kind]["verdicts"]) == REFUSED
+            by_text = decided_by_text(world, sets[kind])
             out[name][kind] = {rule: {"refused": float(refused[m].mean()) if m.any() else float("nan"),
                                       "n": int(m.sum())}
                                for rule, m in (("operators", ~by_text), ("text_family", by_text))}
@@ -318,11 +316,11 @@ def run(cfg: StudyConfig, out: str) -> dict[str, Any]:
     models = {"pretrained": pre, **tuned}
 
     metrics: dict[str, Any] = {}
-    metrics["eval"] = st.json("evaluate", eval_key, lambda: {
-        name: harness.evaluate_sets(p, mcfg, sets, batch_size=cfg.eval.batch_size)
+    # "format": 2 = the results keep each answer's verdict; result folders of the earlier format are recomputed.
+    metrics["eval"] = st.json("evaluate", {**eval_key, "format": 2}, lambda: {
+        name: harness.evaluate_sets(p, mcfg, sets, batch_size=cfg.eval.batch_size, verdicts=True)
         for name, p in tqdm(models.items(), desc="evaluate")})
-    metrics["boundary"] = st.json("refusal_by_rule", eval_key,
-                                  lambda: boundary_stage(cfg, world, mcfg, models, sets))
+    metrics["boundary"] = refusal_by_rule(world, sets, metrics["eval"])
     metrics.update(st.json("tau", analysis_key, lambda: tau_stage(cfg, mcfg, models, sets)))
     metrics["delta_w"] = st.json("delta_w", analysis_key, lambda: delta_w_stage(cfg, pre, tuned))
     metrics.update(st.json("lipschitz_row_space", analysis_key, lambda: probes_stage(cfg, mcfg, pre, models, sets)))

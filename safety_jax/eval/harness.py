@@ -32,7 +32,7 @@ from safety_jax.analysis.clusters import class_means, tau, tau_summary
 from safety_jax.analysis.lipschitz import local_lipschitz
 from safety_jax.analysis.weights import module_matrix, row_space_alignment, row_space_basis
 from safety_jax.data.synthetic import PAD
-from safety_jax.data.synthetic_sets import SyntheticBatch
+from safety_jax.data.synthetic_sets import SyntheticBatch, concat_batches
 from safety_jax.eval.attacks import soft_token_attack
 from safety_jax.eval.judges import judge_synthetic, verdict_rates
 from safety_jax.model.config import LlamaConfig
@@ -105,10 +105,11 @@ def generate_answers(params: Params, config: LlamaConfig, batch: SyntheticBatch,
 
 # ---------------------------------------------------------------------------------------------------- metrics
 def evaluate_sets(params: Params, config: LlamaConfig, sets: Sets, *, batch_size: int = 256,
-                  generation: bool = True) -> dict[str, dict[str, float]]:
+                  generation: bool = True, verdicts: bool = False) -> dict[str, dict[str, Any]]:
     """Per set: ``instruct_acc`` (teacher-forced token accuracy of the true transformation on the output positions),
     ``null_acc`` (the same for the refusal) and, with ``generation``, the verdict rates of greedy answers
     (``refused``, ``harmful``, ``correct``, ``other``; see ``judges.verdict_rates``). All values in [0, 1].
+    ``verdicts=True`` also keeps each answer's verdict (``judges``' codes) as a list under ``"verdicts"``.
 
     All sets go through each kernel together (one compile, one pass).
     """
@@ -119,10 +120,12 @@ def evaluate_sets(params: Params, config: LlamaConfig, sets: Sets, *, batch_size
         for name, h, c in zip(sets, _split(hits, sets).values(), _split(count, sets).values()):
             out[name][key] = float(h.sum() / max(c.sum(), 1))
     if generation:
-        merged = SyntheticBatch(**{f: _concat(sets, f) for f in SyntheticBatch.__dataclass_fields__})
-        answers = generate_answers(params, config, merged, batch_size=batch_size)
+        answers = generate_answers(params, config, concat_batches(list(sets.values())), batch_size=batch_size)
         for name, ans in _split(answers, sets).items():
-            out[name].update(verdict_rates(judge_synthetic(sets[name], ans)))
+            judged = judge_synthetic(sets[name], ans)
+            out[name].update(verdict_rates(judged))
+            if verdicts:
+                out[name]["verdicts"] = judged.astype(int).tolist()
     return out
 
 

@@ -282,19 +282,20 @@ def make_dpo_loss(config: LlamaConfig, *, beta: float = 0.1, loss_type: str = "s
     def loss_fn(params: Params, batch: Batch, aux: Mapping[str, Any] | None = None) -> tuple[jax.Array, Metrics]:
         pc, pr, nc, nr, logits_c, logits_r = _pair_logps(params, batch, config, lora_cfg, remat)
         rc, rr = _pair_ref_logps(batch, aux, config, lora_cfg, remat)
-        w = jnp.asarray(batch.get("example_mask", jnp.ones_like(nc)), jnp.float32)
-        chosen_nll = -jnp.sum(w * pc) / jnp.maximum(jnp.sum(w * nc), 1.0)  # token mean, before any normalisation
         full_c, full_r = batch["chosen_tokens"].shape[1] - 1, batch["rejected_tokens"].shape[1] - 1
+        extra = {}
+        if rpo_alpha:  # chosen-token NLL averaged over the batch's chosen tokens, before any length normalisation
+            w = jnp.asarray(batch.get("example_mask", jnp.ones_like(nc)), jnp.float32)
+            extra["nll_loss"] = -jnp.sum(w * pc) / jnp.maximum(jnp.sum(w * nc), 1.0)
         pc, rc = normalise(pc, nc, full_c), normalise(rc, nc, full_c)
         pr, rr = normalise(pr, nr, full_r), normalise(rr, nr, full_r)
         losses, rew_c, rew_r = dpo_loss_from_logps(pc, pr, rc, rr, beta=beta, loss_type=loss_type,
                                                    label_smoothing=label_smoothing, beta_rejected=beta_rejected)
         mean = lambda x: example_mean(jax.lax.stop_gradient(x), batch)
         loss = example_mean(losses, batch)
-        extra = {}
         if rpo_alpha:
-            loss = loss + rpo_alpha * chosen_nll
-            extra = {"nll_loss": jax.lax.stop_gradient(chosen_nll)}
+            loss = loss + rpo_alpha * extra["nll_loss"]
+            extra["nll_loss"] = jax.lax.stop_gradient(extra["nll_loss"])
         return loss, {
             "loss": loss, **extra, "rewards/chosen": mean(rew_c), "rewards/rejected": mean(rew_r),
             "rewards/margins": mean(rew_c - rew_r), "rewards/accuracies": mean((rew_c > rew_r) * 1.0),
