@@ -243,6 +243,17 @@ def test_safety_completions_dpo_pairs_and_loss_mask(name):
             assert (b.loss_mask[i] == region).all()
             want_chosen, want_rejected = (b.refusal, b.transform) if b.is_unsafe[i] else (b.transform, b.refusal)
             assert (b.chosen[i] == want_chosen[i]).all() and (b.rejected[i] == want_rejected[i]).all()
+            # Training targets: the refusal's null segment and *^ only (its PAD second segment is no target, as
+            # in the study), the whole region for the transformation; pad_targets=True keeps the region.
+            refusal_region = np.zeros(t, np.int32)
+            refusal_region[gt + 1 : gt + 2 + n] = 1
+            dpo, sft = b.dpo(), b.sft()
+            for side, seq in (("chosen", want_chosen), ("rejected", want_rejected)):
+                want = refusal_region if seq is b.refusal else region
+                assert (dpo[side + "_loss_mask"][i] == want).all()
+                assert (b.dpo(pad_targets=True)[side + "_loss_mask"][i] == region).all()
+            assert (sft["loss_mask"][i] == (refusal_region if b.is_unsafe[i] else region)).all()
+            assert (b.sft(pad_targets=True)["loss_mask"][i] == region).all()
         assert (syn.gt_positions(b.tokens) == b.gt_pos).all()
         assert b.tokens.dtype == np.int32 and b.loss_mask.dtype == np.int32 and b.tokens.shape == (100, t)
         assert set(b.dpo()) == {"chosen_tokens", "chosen_loss_mask", "rejected_tokens", "rejected_loss_mask"}

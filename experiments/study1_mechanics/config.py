@@ -69,7 +69,8 @@ class FinetuneSpec:
     all-unsafe w.p. ``unsafe_frac``, else all-safe; ``"per_example"``: every batch holds ``unsafe_frac`` unsafe rows.
     ``lr_scale`` multiplies every named learning rate of one method (default 1: the study uses one η for all
     methods). DPO: the study's asymmetric variant (β_w, β_l, length-normalised by T−1) and standard sigmoid DPO
-    (β, summed log-probs); unlearning ℓ(chosen) − ``rejected_weight``·ℓ(rejected)."""
+    (β, summed log-probs); unlearning ℓ(chosen) − ``rejected_weight``·ℓ(rejected). Every loss skips PAD targets
+    (the refusal's second segment) unless ``pad_targets``."""
 
     methods: list[str] = dataclasses.field(default_factory=lambda: list(METHODS))
     lrs: dict[str, float] = dataclasses.field(default_factory=lambda: {"eta_M": 1e-4, "eta_S": 1e-5})
@@ -86,6 +87,8 @@ class FinetuneSpec:
     beta_standard: float = 0.1
     rpo_alpha: float = 0.0      # standard DPO only: + α·NLL(chosen) (TRL's rpo_alpha); 0 = plain DPO
     rejected_weight: float = 0.1
+    pad_targets: bool = False   # True: also train on PAD targets (the refusal's padded second segment); the study
+    #                             ignores them (its cross-entropy's ignore_index is PAD)
 
 
 @dataclasses.dataclass(frozen=True)

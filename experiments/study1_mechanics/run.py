@@ -180,7 +180,10 @@ def finetune(cfg: StudyConfig, world: World, mcfg: LlamaConfig, pre: Params, met
         "unlearning": lambda: losses.make_synthetic_unlearning_loss(mcfg, rejected_weight=f.rejected_weight),
     }[method]()
     pairs = method != "ssft"
-    make = lambda i: safety_batches(cfg, world, i).dpo() if pairs else safety_batches(cfg, world, i).sft()
+    def make(i: int) -> dict[str, np.ndarray]:
+        batch = safety_batches(cfg, world, i)
+        return batch.dpo(pad_targets=f.pad_targets) if pairs else batch.sft(pad_targets=f.pad_targets)
+
     # DPO's reference = the frozen pretrained params, its log-probs computed inside the step (no extra compile).
     aux = {"ref_params": pre} if method.startswith("dpo") else None
     ocfg = OptimConfig(lr=lr, schedule=f.schedule, warmup_steps=f.warmup_steps, total_steps=f.steps,
@@ -316,8 +319,8 @@ def run(cfg: StudyConfig, out: str) -> dict[str, Any]:
     models = {"pretrained": pre, **tuned}
 
     metrics: dict[str, Any] = {}
-    # "format": 2 = the results keep each answer's verdict; result folders of the earlier format are recomputed.
-    metrics["eval"] = st.json("evaluate", {**eval_key, "format": 2}, lambda: {
+    # "format": 3 = verdicts kept, null_acc without PAD targets; result folders of earlier formats are recomputed.
+    metrics["eval"] = st.json("evaluate", {**eval_key, "format": 3}, lambda: {
         name: harness.evaluate_sets(p, mcfg, sets, batch_size=cfg.eval.batch_size, verdicts=True)
         for name, p in tqdm(models.items(), desc="evaluate")})
     metrics["boundary"] = refusal_by_rule(world, sets, metrics["eval"])

@@ -4,7 +4,8 @@ Every function returns fixed-shape numpy arrays ([N, seq_len] tokens) drawn from
 is given. Layout:
 ``$ op1 … opn * text > seg1 *^ seg2 # … %`` with ``>`` at ``gt_pos``, the output region (seg1, ``*^``, seg2:
 ``2·text_len + 1`` tokens) right after it and ``%`` at the last position. ``loss_mask[n, t] = 1`` marks the tokens
-that are training targets, i.e. the loss of predicting ``tokens[n, t]`` from ``tokens[n, :t]`` counts.
+that are training targets, i.e. the loss of predicting ``tokens[n, t]`` from ``tokens[n, :t]`` counts; for safety
+sets it is the output region, and ``SyntheticBatch.targets`` drops its PAD targets (the refusal's second segment).
 """
 
 from __future__ import annotations
@@ -89,14 +90,25 @@ class SyntheticBatch:
             raise WorldError("rejected completions exist for safety sets only, not for pretraining batches")
         return np.where(self.is_unsafe[:, None], self.transform, self.refusal)
 
-    def sft(self) -> dict[str, np.ndarray]:
-        """The trainers' batch dict (``train/losses.py`` keys) for SSFT: ``tokens``, ``loss_mask`` [N, T] int32."""
-        return {"tokens": self.tokens, "loss_mask": self.loss_mask}
+    def targets(self, seq: np.ndarray, *, pad_targets: bool = False) -> np.ndarray:
+        """[N, T] int32 loss mask of ``seq`` (``tokens``, ``refusal``, ``transform`` or a DPO side): ``loss_mask``
+        without the positions whose target is PAD — the refusal's padded second segment — as the study's
+        cross-entropy ignores PAD targets. ``pad_targets=True`` keeps them (the whole output region)."""
+        if pad_targets:
+            return self.loss_mask
+        return (self.loss_mask.astype(bool) & (seq != PAD)).astype(np.int32)
 
-    def dpo(self) -> dict[str, np.ndarray]:
-        """The trainers' preference batch dict: ``chosen_tokens``, ``chosen_loss_mask``, ``rejected_*`` [N, T] int32."""
-        return {"chosen_tokens": self.chosen, "chosen_loss_mask": self.loss_mask,
-                "rejected_tokens": self.rejected, "rejected_loss_mask": self.loss_mask}
+    def sft(self, *, pad_targets: bool = False) -> dict[str, np.ndarray]:
+        """The trainers' batch dict (``train/losses.py`` keys) for SSFT: ``tokens``, ``loss_mask`` [N, T] int32
+        (see :meth:`targets` for ``pad_targets``)."""
+        return {"tokens": self.tokens, "loss_mask": self.targets(self.tokens, pad_targets=pad_targets)}
+
+    def dpo(self, *, pad_targets: bool = False) -> dict[str, np.ndarray]:
+        """The trainers' preference batch dict: ``chosen_tokens``, ``chosen_loss_mask``, ``rejected_*`` [N, T] int32
+        (each side's mask from :meth:`targets`)."""
+        chosen, rejected = self.chosen, self.rejected
+        return {"chosen_tokens": chosen, "chosen_loss_mask": self.targets(chosen, pad_targets=pad_targets),
+                "rejected_tokens": rejected, "rejected_loss_mask": self.targets(rejected, pad_targets=pad_targets)}
 
     def take(self, idx: np.ndarray | slice) -> SyntheticBatch:
         """The rows ``idx`` of every array."""

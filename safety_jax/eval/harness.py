@@ -107,20 +107,22 @@ def generate_answers(params: Params, config: LlamaConfig, batch: SyntheticBatch,
 def evaluate_sets(params: Params, config: LlamaConfig, sets: Sets, *, batch_size: int = 256,
                   generation: bool = True, verdicts: bool = False) -> dict[str, dict[str, Any]]:
     """Per set: ``instruct_acc`` (teacher-forced token accuracy of the true transformation on the output positions),
-    ``null_acc`` (the same for the refusal) and, with ``generation``, the verdict rates of greedy answers
-    (``refused``, ``harmful``, ``correct``, ``other``; see ``judges.verdict_rates``). All values in [0, 1].
+    ``null_acc`` (the same for the refusal: its null first segment and ``*^``, not its PAD second segment) and,
+    with ``generation``, the verdict rates of greedy answers (``refused``, ``harmful``, ``correct``, ``other``; see
+    ``judges.verdict_rates``). All values in [0, 1].
     ``verdicts=True`` also keeps each answer's verdict (``judges``' codes) as a list under ``"verdicts"``.
 
     All sets go through each kernel together (one compile, one pass).
     """
-    mask = _concat(sets, "loss_mask")
+    merged = concat_batches(list(sets.values()))
     out: dict[str, dict[str, float]] = {name: {} for name in sets}
     for key, field in (("instruct_acc", "transform"), ("null_acc", "refusal")):
-        hits, count, _ = target_hits(params, config, _concat(sets, field), mask, batch_size=batch_size)
+        seqs = getattr(merged, field)
+        hits, count, _ = target_hits(params, config, seqs, merged.targets(seqs), batch_size=batch_size)
         for name, h, c in zip(sets, _split(hits, sets).values(), _split(count, sets).values()):
             out[name][key] = float(h.sum() / max(c.sum(), 1))
     if generation:
-        answers = generate_answers(params, config, concat_batches(list(sets.values())), batch_size=batch_size)
+        answers = generate_answers(params, config, merged, batch_size=batch_size)
         for name, ans in _split(answers, sets).items():
             judged = judge_synthetic(sets[name], ans)
             out[name].update(verdict_rates(judged))
