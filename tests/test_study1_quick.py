@@ -50,6 +50,9 @@ def test_quick_run_writes_every_output(quick_run):
     for model in ("pretrain", "finetune_ssft@eta_M"):
         assert os.path.exists(os.path.join(out, model, "model", "config.json"))
         assert os.path.exists(os.path.join(out, model, "model", "model.safetensors"))
+    for method in cfg.finetune.methods:  # finetune.method_steps gives DPO its own number of steps
+        with open(os.path.join(out, f"finetune_{method}@eta_M", "history.json")) as f:
+            assert json.load(f)[-1]["step"] == cfg.finetune.method_steps.get(method, cfg.finetune.steps), method
 
 
 def test_quick_metrics_are_sane(quick_run):
@@ -157,6 +160,10 @@ def test_config_rejects_unknown_keys_and_bad_lr_scale():
         load_config("quick", ["finetune.lr_scale={dpo: 0}"])
     with pytest.raises(ValueError, match="unknown key"):
         load_config("quick", ["finetune.learning_rate=1e-3"])
+    for bad in ("{dop: 10}", "{dpo: 0}", "{dpo: 2.5}"):
+        with pytest.raises(ValueError, match="finetune.method_steps"):
+            load_config("quick", [f"finetune.method_steps={bad}"])
+    assert load_config("quick", ["finetune.method_steps={ssft: 9}"]).finetune.steps_for("ssft") == 9
     with pytest.raises(ValueError, match="finetune.batch_mix"):
         load_config("quick", ["finetune.batch_mix=mixed"])
     with pytest.raises(ValueError, match="finetune.unsafe_frac"):

@@ -68,14 +68,20 @@ class FinetuneSpec:
     """Safety fine-tuning: each method at each learning rate. ``batch_mix="per_batch"`` (the study's): each batch is
     all-unsafe w.p. ``unsafe_frac``, else all-safe; ``"per_example"``: every batch holds ``unsafe_frac`` unsafe rows.
     ``lr_scale`` multiplies every named learning rate of one method (default 1: the study uses one η for all
-    methods). DPO: the study's asymmetric variant (β_w, β_l, length-normalised by T−1) and standard sigmoid DPO
-    (β, summed log-probs); unlearning ℓ(chosen) − ``rejected_weight``·ℓ(rejected). Every loss skips PAD targets
-    (the refusal's second segment) unless ``pad_targets``."""
+    methods); ``method_steps`` gives one method its own number of steps (default ``steps``). DPO: the study's
+    asymmetric variant (β_w, β_l, length-normalised by T−1) and standard sigmoid DPO (β, summed log-probs);
+    unlearning ℓ(chosen) − ``rejected_weight``·ℓ(rejected). Every loss skips PAD targets (the refusal's second
+    segment) unless ``pad_targets``."""
+
+    def steps_for(self, method: str) -> int:
+        """The number of fine-tuning steps of ``method``."""
+        return int(self.method_steps.get(method, self.steps))
 
     methods: list[str] = dataclasses.field(default_factory=lambda: list(METHODS))
     lrs: dict[str, float] = dataclasses.field(default_factory=lambda: {"eta_M": 1e-4, "eta_S": 1e-5})
     lr_scale: dict[str, float] = dataclasses.field(default_factory=dict)  # method -> factor on every named lr
     steps: int = 200
+    method_steps: dict[str, int] = dataclasses.field(default_factory=dict)  # method -> its own number of steps
     batch_size: int = 32
     unsafe_frac: float = 0.2
     batch_mix: str = "per_batch"   # or "per_example"
@@ -135,6 +141,11 @@ class StudyConfig:
         bad = {m: v for m, v in self.finetune.lr_scale.items() if m not in METHODS or not float(v) > 0}
         if bad:
             raise ValueError(f"finetune.lr_scale: {bad} — keys must be methods ({', '.join(METHODS)}), values > 0")
+        bad = {m: v for m, v in self.finetune.method_steps.items()
+               if m not in METHODS or not isinstance(v, int) or isinstance(v, bool) or v < 1}
+        if bad:
+            raise ValueError(f"finetune.method_steps: {bad} — keys must be methods ({', '.join(METHODS)}), "
+                             "values whole numbers ≥ 1")
         if self.finetune.batch_mix not in BATCH_MIXES:
             raise ValueError(f"finetune.batch_mix={self.finetune.batch_mix!r}; choose one of {BATCH_MIXES}")
         if not 0.0 <= self.finetune.unsafe_frac <= 1.0:

@@ -186,10 +186,11 @@ def finetune(cfg: StudyConfig, world: World, mcfg: LlamaConfig, pre: Params, met
 
     # DPO's reference = the frozen pretrained params, its log-probs computed inside the step (no extra compile).
     aux = {"ref_params": pre} if method.startswith("dpo") else None
-    ocfg = OptimConfig(lr=lr, schedule=f.schedule, warmup_steps=f.warmup_steps, total_steps=f.steps,
+    steps = f.steps_for(method)
+    ocfg = OptimConfig(lr=lr, schedule=f.schedule, warmup_steps=f.warmup_steps, total_steps=steps,
                        min_lr_ratio=0.01, weight_decay=f.weight_decay)
     state, history = train(loss_fn, build_optimizer(ocfg, pre), pre, StepBatches(make),
-                           TrainConfig(steps=f.steps, log_every=max(f.steps // 10, 1), seed=cfg.seed), aux=aux)
+                           TrainConfig(steps=steps, log_every=max(steps // 10, 1), seed=cfg.seed), aux=aux)
     with open(os.path.join(out_dir, "history.json"), "w") as fh:  # short runs: no orbax checkpoints, just the log
         json.dump(history, fh)
     return state.params
@@ -306,7 +307,7 @@ def run(cfg: StudyConfig, out: str) -> dict[str, Any]:
     st = Stages(out)
     c = dataclasses.asdict(cfg)
     pre_key = {k: c[k] for k in ("seed", "world", "model", "pretrain")}
-    per_model = ("methods", "lrs", "lr_scale")  # these enter each fine-tuning stage's key as its own lr
+    per_model = ("methods", "lrs", "lr_scale", "method_steps")  # enter each fine-tuning stage's key as lr, steps
     ft_key = {**pre_key, "finetune": {k: v for k, v in c["finetune"].items() if k not in per_model}}
     eval_key = {k: v for k, v in c.items() if k not in ("name", "notes", "analysis")}
     analysis_key = {**eval_key, "analysis": c["analysis"]}
@@ -314,7 +315,8 @@ def run(cfg: StudyConfig, out: str) -> dict[str, Any]:
     pre = st.model("pretrain", pre_key, mcfg, world, lambda d: pretrain(cfg, world, mcfg, d))
     tuned: dict[str, Params] = {}
     for name, (method, lr) in finetune_runs(cfg).items():
-        tuned[name] = st.model(f"finetune_{name}", {**ft_key, "lr": lr}, mcfg, world,
+        tuned[name] = st.model(f"finetune_{name}", {**ft_key, "lr": lr, "steps": cfg.finetune.steps_for(method)},
+                               mcfg, world,
                                lambda d, m=method, lr=lr: finetune(cfg, world, mcfg, pre, m, lr, d))
     models = {"pretrained": pre, **tuned}
 
