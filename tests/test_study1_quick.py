@@ -183,3 +183,17 @@ def test_per_example_batch_mix_puts_unsafe_rows_in_every_batch():
                                       "finetune.batch_size=8"])
     counts = {int(safety_batches(per_batch, world, s).is_unsafe.sum()) for s in range(20)}
     assert counts == {0, 8}
+
+
+def test_separation_order_claim_reports_each_update_size_when_it_fails():
+    from experiments.study1_mechanics.claims import claim_separation
+
+    sep = {"pretrained": [0.1, 0.1], "ssft@eta_M": [0.3, 0.5], "dpo@eta_M": [5.0, 7.0], "unlearning@eta_M": [1.0, 2.0]}
+    norms = {"ssft@eta_M": 0.2, "dpo@eta_M": 0.4, "unlearning@eta_M": 0.1}
+    metrics = {"eval": dict.fromkeys(sep, {}), "separation": sep,
+               "delta_w": {m: {k: {"relative_norm": [v, 3 * v]} for k in ("mlp.gate", "mlp.up", "mlp.down")}
+                           for m, v in norms.items()}}
+    grows, order = claim_separation(metrics)
+    assert grows.holds and not order.holds
+    assert "dpo (6) > unlearning (1.5) > ssft (0.4)" in order.evidence
+    assert "dpo@eta_M 0.80, ssft@eta_M 0.40, unlearning@eta_M 0.20" in order.reading

@@ -53,6 +53,13 @@ def _tau(metrics: Mapping[str, Any], model: str, name: str) -> float:
     return _mean(metrics["tau"][model][name]["mean"])
 
 
+def _update_size(metrics: Mapping[str, Any], model: str) -> float:
+    """Mean ‖ΔW‖_F / ‖W_pre‖_F over the MLP matrices and layers of one fine-tuned model (NaN without ΔW metrics)."""
+    mods = metrics.get("delta_w", {}).get(model, {})
+    vals = [_mean(mods[k]["relative_norm"]) for k in MLP_MODULES if k in mods]
+    return float(np.mean(vals)) if vals else float("nan")
+
+
 def claim_separation(metrics: Mapping[str, Any]) -> list[Claim]:
     """Separation (mean over layers of mean τ(safe) − mean τ(unsafe)) grows after fine-tuning; ordered by method."""
     sep = {m: _mean(v) for m, v in metrics["separation"].items()}
@@ -77,12 +84,16 @@ def claim_separation(metrics: Mapping[str, Any]) -> list[Claim]:
         ok_all &= ok
         ranked = sorted(present, key=lambda meth: -sep[f"{meth}@{lr}"])
         orders.append(f"at {lr}: " + " > ".join(f"{meth} ({sep[f'{meth}@{lr}']:.3g})" for meth in ranked))
+    size = {m: _update_size(metrics, m) for m in models}
+    sizes = ", ".join(f"{m} {size[m]:.2f}" for m in sorted(models, key=lambda m: -size[m]) if not math.isnan(size[m]))
     reading = ("the ordering matches the paper: unlearning, which also pushes the harmful completion down, separates "
                "most; SSFT, which only adds the refusal, least." if ok_all else
-               "the paper's order unlearning ≥ DPO ≥ SSFT is not reproduced. The study's DPO and unlearning losses "
-               "are divided by the full sequence length and weighted by β, so at the same learning rate and step "
-               "count their effective update differs from SSFT's; one short run per method (one seed) cannot "
-               "separate method from budget. The paper's order comes from long runs at two learning rates.")
+               "the paper's order unlearning ≥ DPO ≥ SSFT is not reproduced. The methods moved the MLP weights by "
+               f"different amounts (mean ‖ΔW‖/‖W_pre‖: {sizes}) under the budgets listed in 'This run' (learning "
+               "rate and steps can differ per method), and the study's DPO and unlearning losses are divided by the "
+               "full sequence length and weighted by β, so their effective step differs from SSFT's at the same "
+               "learning rate; one short run per method (one seed) cannot separate method from budget. The paper's "
+               "order comes from long runs at two learning rates.")
     out.append(Claim("separation_order", "Separation is ordered unlearning ≥ DPO ≥ SSFT", ok_all,
                      "Observed " + "; ".join(orders) + ".", reading))
     if len(lrs) > 1:
