@@ -197,3 +197,22 @@ def test_separation_order_claim_reports_each_update_size_when_it_fails():
     assert grows.holds and not order.holds
     assert "dpo (6) > unlearning (1.5) > ssft (0.4)" in order.evidence
     assert "dpo@eta_M 0.80, ssft@eta_M 0.40, unlearning@eta_M 0.20" in order.reading
+
+
+def test_a_method_setting_enters_only_that_methods_stage_key():
+    import dataclasses
+
+    from experiments.study1_mechanics.config import METHOD_FIELDS, METHODS, FinetuneSpec
+
+    names = {f.name for f in dataclasses.fields(FinetuneSpec)}
+    assert set(METHOD_FIELDS) == set(METHODS) and all(set(v) <= names for v in METHOD_FIELDS.values())
+    base = load_config("quick").finetune
+    for field, value, owner in (("beta_standard", 0.5, "dpo_standard"), ("beta_chosen", 0.3, "dpo"),
+                                ("rejected_weight", 0.2, "unlearning")):
+        changed = load_config("quick", [f"finetune.{field}={value}"]).finetune
+        for method in METHODS:
+            assert (changed.key_for(method) != base.key_for(method)) == (method == owner), (field, method)
+    shared = load_config("quick", ["finetune.unsafe_frac=0.25"]).finetune
+    assert all(shared.key_for(m) != base.key_for(m) for m in METHODS)
+    steps = load_config("quick", ["finetune.method_steps={dpo: 7, ssft: 11}"]).finetune
+    assert steps.key_for("ssft")["steps"] == 11 and steps.key_for("dpo") == base.key_for("dpo")

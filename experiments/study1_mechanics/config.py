@@ -28,6 +28,9 @@ _Loader.add_implicit_resolver(
                 |\.[0-9_]+(?:[eE][-+][0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$""", re.X),
     list("-+0123456789."))
 METHODS = ("ssft", "dpo", "dpo_standard", "unlearning")
+# The finetune fields only one method reads (every other field is shared by all methods).
+METHOD_FIELDS = {"ssft": (), "dpo": ("beta_chosen", "beta_rejected"), "dpo_standard": ("beta_standard", "rpo_alpha"),
+                 "unlearning": ("rejected_weight",)}
 BATCH_MIXES = ("per_batch", "per_example")  # fine-tuning batches: all-safe / all-unsafe, or mixed rows
 
 
@@ -72,6 +75,14 @@ class FinetuneSpec:
     asymmetric variant (β_w, β_l, length-normalised by T−1) and standard sigmoid DPO (β, summed log-probs);
     unlearning ℓ(chosen) − ``rejected_weight``·ℓ(rejected). Every loss skips PAD targets (the refusal's second
     segment) unless ``pad_targets``."""
+
+    def key_for(self, method: str) -> dict[str, Any]:
+        """The fields one method's fine-tuning depends on (its stage's cache key): the shared ones, its own
+        (``METHOD_FIELDS``), its step count; not the run lists, learning rates or other methods' settings."""
+        others = {f for m, fields in METHOD_FIELDS.items() if m != method for f in fields}
+        skip = others | {"methods", "lrs", "lr_scale", "method_steps", "steps"}
+        return {**{k: v for k, v in dataclasses.asdict(self).items() if k not in skip},
+                "steps": self.steps_for(method)}
 
     def steps_for(self, method: str) -> int:
         """The number of fine-tuning steps of ``method``."""

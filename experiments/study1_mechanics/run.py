@@ -307,16 +307,14 @@ def run(cfg: StudyConfig, out: str) -> dict[str, Any]:
     st = Stages(out)
     c = dataclasses.asdict(cfg)
     pre_key = {k: c[k] for k in ("seed", "world", "model", "pretrain")}
-    per_model = ("methods", "lrs", "lr_scale", "method_steps")  # enter each fine-tuning stage's key as lr, steps
-    ft_key = {**pre_key, "finetune": {k: v for k, v in c["finetune"].items() if k not in per_model}}
     eval_key = {k: v for k, v in c.items() if k not in ("name", "notes", "analysis")}
     analysis_key = {**eval_key, "analysis": c["analysis"]}
 
     pre = st.model("pretrain", pre_key, mcfg, world, lambda d: pretrain(cfg, world, mcfg, d))
     tuned: dict[str, Params] = {}
     for name, (method, lr) in finetune_runs(cfg).items():
-        tuned[name] = st.model(f"finetune_{name}", {**ft_key, "lr": lr, "steps": cfg.finetune.steps_for(method)},
-                               mcfg, world,
+        key = {**pre_key, "finetune": cfg.finetune.key_for(method), "lr": lr}  # changing one method's settings
+        tuned[name] = st.model(f"finetune_{name}", key, mcfg, world,  # recomputes that method alone
                                lambda d, m=method, lr=lr: finetune(cfg, world, mcfg, pre, m, lr, d))
     models = {"pretrained": pre, **tuned}
 
