@@ -76,18 +76,6 @@ class FinetuneSpec:
     unlearning ℓ(chosen) − ``rejected_weight``·ℓ(rejected). Every loss skips PAD targets (the refusal's second
     segment) unless ``pad_targets``."""
 
-    def key_for(self, method: str) -> dict[str, Any]:
-        """The fields one method's fine-tuning depends on (its stage's cache key): the shared ones, its own
-        (``METHOD_FIELDS``), its step count; not the run lists, learning rates or other methods' settings."""
-        others = {f for m, fields in METHOD_FIELDS.items() if m != method for f in fields}
-        skip = others | {"methods", "lrs", "lr_scale", "method_steps", "steps"}
-        return {**{k: v for k, v in dataclasses.asdict(self).items() if k not in skip},
-                "steps": self.steps_for(method)}
-
-    def steps_for(self, method: str) -> int:
-        """The number of fine-tuning steps of ``method``."""
-        return int(self.method_steps.get(method, self.steps))
-
     methods: list[str] = dataclasses.field(default_factory=lambda: list(METHODS))
     lrs: dict[str, float] = dataclasses.field(default_factory=lambda: {"eta_M": 1e-4, "eta_S": 1e-5})
     lr_scale: dict[str, float] = dataclasses.field(default_factory=dict)  # method -> factor on every named lr
@@ -104,8 +92,19 @@ class FinetuneSpec:
     beta_standard: float = 0.1
     rpo_alpha: float = 0.0      # standard DPO only: + α·NLL(chosen) (TRL's rpo_alpha); 0 = plain DPO
     rejected_weight: float = 0.1
-    pad_targets: bool = False   # True: also train on PAD targets (the refusal's padded second segment); the study
-    #                             ignores them (its cross-entropy's ignore_index is PAD)
+    pad_targets: bool = False   # also train on PAD targets (the study's cross-entropy ignores them)
+
+    def key_for(self, method: str) -> dict[str, Any]:
+        """The fields one method's fine-tuning depends on (its stage's cache key): the shared ones, its own
+        (``METHOD_FIELDS``), its step count; not the run lists, learning rates or other methods' settings."""
+        others = {f for m, fields in METHOD_FIELDS.items() if m != method for f in fields}
+        skip = others | {"methods", "lrs", "lr_scale", "method_steps", "steps"}
+        return {**{k: v for k, v in dataclasses.asdict(self).items() if k not in skip},
+                "steps": self.steps_for(method)}
+
+    def steps_for(self, method: str) -> int:
+        """The number of fine-tuning steps of ``method``."""
+        return int(self.method_steps.get(method, self.steps))
 
 
 @dataclasses.dataclass(frozen=True)
