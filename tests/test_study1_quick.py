@@ -108,6 +108,14 @@ def test_rerun_skips_every_stage(quick_run):
     assert again["eval"] == first["eval"]
 
 
+def test_changing_one_methods_setting_recomputes_that_method_and_what_follows(quick_run):
+    cfg, out, _ = quick_run  # runs after the re-run test: it leaves the folder on another unlearning setting
+    changed = load_config("quick", ["finetune.rejected_weight=0.2"])
+    skipped = set(run(changed, out)["skipped_stages"])
+    assert {"pretrain", "finetune_ssft@eta_M", "finetune_dpo@eta_M"} <= skipped
+    assert not skipped & {"finetune_unlearning@eta_M", *ANALYSES}
+
+
 # ---------------------------------------------------------------------------------------------------- fast unit tests
 def test_refusal_lists_are_the_published_ones_and_match_as_substrings():
     from safety_jax.eval.judges import REFUSAL_GCG_29, REFUSAL_JBB_13, SubstringJudge

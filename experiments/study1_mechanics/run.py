@@ -307,14 +307,17 @@ def run(cfg: StudyConfig, out: str) -> dict[str, Any]:
     st = Stages(out)
     c = dataclasses.asdict(cfg)
     pre_key = {k: c[k] for k in ("seed", "world", "model", "pretrain")}
-    eval_key = {k: v for k, v in c.items() if k not in ("name", "notes", "analysis")}
+    # Changing one method's settings recomputes that method alone; the evaluation and analyses depend on every
+    # model's stage key, so they follow any model that was recomputed.
+    ft_keys = {name: {**pre_key, "finetune": cfg.finetune.key_for(method), "lr": lr}
+               for name, (method, lr) in finetune_runs(cfg).items()}
+    eval_key = {**{k: v for k, v in c.items() if k not in ("name", "notes", "analysis")}, "models": ft_keys}
     analysis_key = {**eval_key, "analysis": c["analysis"]}
 
     pre = st.model("pretrain", pre_key, mcfg, world, lambda d: pretrain(cfg, world, mcfg, d))
     tuned: dict[str, Params] = {}
     for name, (method, lr) in finetune_runs(cfg).items():
-        key = {**pre_key, "finetune": cfg.finetune.key_for(method), "lr": lr}  # changing one method's settings
-        tuned[name] = st.model(f"finetune_{name}", key, mcfg, world,  # recomputes that method alone
+        tuned[name] = st.model(f"finetune_{name}", ft_keys[name], mcfg, world,
                                lambda d, m=method, lr=lr: finetune(cfg, world, mcfg, pre, m, lr, d))
     models = {"pretrained": pre, **tuned}
 
