@@ -193,6 +193,23 @@ def test_per_example_batch_mix_puts_unsafe_rows_in_every_batch():
     assert counts == {0, 8}
 
 
+def test_finetune_batches_follow_the_pad_targets_setting():
+    from experiments.study1_mechanics.run import method_batch
+    from safety_jax.data.synthetic import PAD
+
+    cfg = load_config("quick", ["finetune.unsafe_frac=0.5"])
+    world = build_world(get_world_config(cfg.world.preset))
+    with_pads = load_config("quick", ["finetune.unsafe_frac=0.5", "finetune.pad_targets=true"])
+    for method, sides in (("ssft", ("",)), ("dpo", ("chosen_", "rejected_")), ("unlearning", ("chosen_", "rejected_"))):
+        skip, keep = method_batch(cfg, world, method, 0), method_batch(with_pads, world, method, 0)
+        for side in sides:
+            tokens, mask, full = keep[f"{side}tokens"], skip[f"{side}loss_mask"], keep[f"{side}loss_mask"]
+            np.testing.assert_array_equal(skip[f"{side}tokens"], tokens)
+            np.testing.assert_array_equal(mask, full * (tokens != PAD))
+        # the refusals' padded second segment is what differs: some trained positions target PAD
+        assert any(((keep[f"{side}loss_mask"] == 1) & (keep[f"{side}tokens"] == PAD)).any() for side in sides), method
+
+
 def test_separation_order_claim_reports_each_update_size_when_it_fails():
     from experiments.study1_mechanics.claims import claim_separation
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -168,6 +169,14 @@ def safety_batches(cfg: StudyConfig, world: World, step: int) -> SyntheticBatch:
     return safety_batch(world, kind, f.batch_size, rng, cfg.world.grammars)
 
 
+def method_batch(cfg: StudyConfig, world: World, method: str, step: int) -> dict[str, np.ndarray]:
+    """The trainer's batch dict of fine-tuning step ``step`` for ``method``: SFT rows for SSFT, preference pairs for
+    DPO and unlearning; loss masks with or without the PAD targets (``finetune.pad_targets``)."""
+    batch = safety_batches(cfg, world, step)
+    pad = cfg.finetune.pad_targets
+    return batch.sft(pad_targets=pad) if method == "ssft" else batch.dpo(pad_targets=pad)
+
+
 def finetune(cfg: StudyConfig, world: World, mcfg: LlamaConfig, pre: Params, method: str, lr: float,
              out_dir: str) -> Params:
     """One safety fine-tuning run from the pretrained params."""
@@ -179,17 +188,13 @@ def finetune(cfg: StudyConfig, world: World, mcfg: LlamaConfig, pre: Params, met
                                                      rpo_alpha=f.rpo_alpha),
         "unlearning": lambda: losses.make_synthetic_unlearning_loss(mcfg, rejected_weight=f.rejected_weight),
     }[method]()
-    pairs = method != "ssft"
-    def make(i: int) -> dict[str, np.ndarray]:
-        batch = safety_batches(cfg, world, i)
-        return batch.dpo(pad_targets=f.pad_targets) if pairs else batch.sft(pad_targets=f.pad_targets)
-
+    batches = StepBatches(functools.partial(method_batch, cfg, world, method))
     # DPO's reference = the frozen pretrained params, its log-probs computed inside the step (no extra compile).
     aux = {"ref_params": pre} if method.startswith("dpo") else None
     steps = f.steps_for(method)
     ocfg = OptimConfig(lr=lr, schedule=f.schedule, warmup_steps=f.warmup_steps, total_steps=steps,
                        min_lr_ratio=0.01, weight_decay=f.weight_decay)
-    state, history = train(loss_fn, build_optimizer(ocfg, pre), pre, StepBatches(make),
+    state, history = train(loss_fn, build_optimizer(ocfg, pre), pre, batches,
                            TrainConfig(steps=steps, log_every=max(steps // 10, 1), seed=cfg.seed), aux=aux)
     with open(os.path.join(out_dir, "history.json"), "w") as fh:  # short runs: no orbax checkpoints, just the log
         json.dump(history, fh)
