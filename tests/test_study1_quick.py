@@ -6,6 +6,7 @@ The quick model is far too small to learn the task, so this pins the pipeline's 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -50,9 +51,10 @@ def test_quick_run_writes_every_output(quick_run):
     for model in ("pretrain", "finetune_ssft@eta_M"):
         assert os.path.exists(os.path.join(out, model, "model", "config.json"))
         assert os.path.exists(os.path.join(out, model, "model", "model.safetensors"))
-    for method in cfg.finetune.methods:  # finetune.method_steps gives DPO its own number of steps
+    assert cfg.finetune.method_overrides["dpo"]["steps"] != cfg.finetune.steps
+    for method in cfg.finetune.methods:  # finetune.method_overrides gives DPO its own number of steps
         with open(os.path.join(out, f"finetune_{method}@eta_M", "history.json")) as f:
-            assert json.load(f)[-1]["step"] == cfg.finetune.method_steps.get(method, cfg.finetune.steps), method
+            assert json.load(f)[-1]["step"] == cfg.finetune.for_method(method).steps, method
 
 
 def test_quick_metrics_are_sane(quick_run):
@@ -168,10 +170,18 @@ def test_config_rejects_unknown_keys_and_bad_lr_scale():
         load_config("quick", ["finetune.lr_scale={dpo: 0}"])
     with pytest.raises(ValueError, match="unknown key"):
         load_config("quick", ["finetune.learning_rate=1e-3"])
-    for bad in ("{dop: 10}", "{dpo: 0}", "{dpo: 2.5}"):
-        with pytest.raises(ValueError, match="finetune.method_steps"):
-            load_config("quick", [f"finetune.method_steps={bad}"])
-    assert load_config("quick", ["finetune.method_steps={ssft: 9}"]).finetune.steps_for("ssft") == 9
+    for bad, field in (("{dop: {steps: 10}}", "method_overrides"), ("{dpo: 10}", "method_overrides.dpo"),
+                       ("{dpo: {lrs: {eta_M: 1}}}", "method_overrides.dpo"),
+                       ("{dpo: {step: 10}}", "method_overrides.dpo"),
+                       ("{dpo: {steps: 0}}", "method_overrides.dpo.steps"),
+                       ("{dpo: {steps: 2.5}}", "method_overrides.dpo.steps"),
+                       ("{unlearning: {unsafe_frac: 1.5}}", "method_overrides.unlearning.unsafe_frac"),
+                       ("{ssft: {batch_mix: mixed}}", "method_overrides.ssft.batch_mix")):
+        with pytest.raises(ValueError, match=f"finetune.{field}"):
+            load_config("quick", [f"finetune.method_overrides={bad}"])
+    spec = load_config("quick", ["finetune.method_overrides={ssft: {steps: 9, unsafe_frac: 0.25}}"]).finetune
+    assert (spec.for_method("ssft").steps, spec.for_method("ssft").unsafe_frac) == (9, 0.25)
+    assert spec.for_method("dpo") == dataclasses.replace(spec, method_overrides={})
     with pytest.raises(ValueError, match="finetune.batch_mix"):
         load_config("quick", ["finetune.batch_mix=mixed"])
     with pytest.raises(ValueError, match="finetune.unsafe_frac"):
@@ -191,6 +201,10 @@ def test_per_example_batch_mix_puts_unsafe_rows_in_every_batch():
                                       "finetune.batch_size=8"])
     counts = {int(safety_batches(per_batch, world, s).is_unsafe.sum()) for s in range(20)}
     assert counts == {0, 8}
+    own = load_config("quick", ["finetune.batch_mix=per_example", "finetune.unsafe_frac=0.5", "finetune.batch_size=8",
+                                "finetune.method_overrides={dpo: {unsafe_frac: 0.75}}"])
+    assert safety_batches(own, world, 0, "dpo").is_unsafe.sum() == 6
+    assert safety_batches(own, world, 0, "ssft").is_unsafe.sum() == 4
 
 
 def test_finetune_batches_follow_the_pad_targets_setting():
@@ -237,7 +251,10 @@ def test_a_method_setting_enters_only_that_methods_stage_key():
         changed = load_config("quick", [f"finetune.{field}={value}"]).finetune
         for method in METHODS:
             assert (changed.key_for(method) != base.key_for(method)) == (method == owner), (field, method)
-    shared = load_config("quick", ["finetune.unsafe_frac=0.25"]).finetune
+    shared = load_config("quick", ["finetune.warmup_steps=3"]).finetune
     assert all(shared.key_for(m) != base.key_for(m) for m in METHODS)
-    steps = load_config("quick", ["finetune.method_steps={dpo: 7, ssft: 11}"]).finetune
-    assert steps.key_for("ssft")["steps"] == 11 and steps.key_for("dpo") == base.key_for("dpo")
+    shadowed = load_config("quick", ["finetune.unsafe_frac=0.25"]).finetune  # quick's DPO has its own unsafe_frac
+    assert [m for m in METHODS if shadowed.key_for(m) == base.key_for(m)] == ["dpo"]
+    own = load_config("quick", ["finetune.method_overrides.ssft={steps: 11, unsafe_frac: 0.25}"]).finetune
+    assert own.key_for("ssft")["steps"] == 11 and own.key_for("ssft")["unsafe_frac"] == 0.25
+    assert all(own.key_for(m) == base.key_for(m) for m in METHODS if m != "ssft")

@@ -32,6 +32,8 @@ METHODS = ("ssft", "dpo", "dpo_standard", "unlearning")
 METHOD_FIELDS = {"ssft": (), "dpo": ("beta_chosen", "beta_rejected"), "dpo_standard": ("beta_standard", "rpo_alpha"),
                  "unlearning": ("rejected_weight",)}
 BATCH_MIXES = ("per_batch", "per_example")  # fine-tuning batches: all-safe / all-unsafe, or mixed rows
+# The finetune fields that hold every run's list or rates, which a method cannot override.
+NOT_OVERRIDABLE = frozenset({"methods", "lrs", "lr_scale", "method_overrides"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,7 +73,8 @@ class FinetuneSpec:
     """Safety fine-tuning: each method at each learning rate. ``batch_mix="per_batch"`` (the study's): each batch is
     all-unsafe w.p. ``unsafe_frac``, else all-safe; ``"per_example"``: every batch holds ``unsafe_frac`` unsafe rows.
     ``lr_scale`` multiplies every named learning rate of one method (default 1: the study uses one η for all
-    methods); ``method_steps`` gives one method its own number of steps (default ``steps``). DPO: the study's
+    methods); ``method_overrides`` gives one method its own value of any other field, e.g.
+    ``{dpo: {steps: 2000, unsafe_frac: 0.5625}}`` (:meth:`for_method` resolves them). DPO: the study's
     asymmetric variant (β_w, β_l, length-normalised by T−1) and standard sigmoid DPO (β, summed log-probs);
     unlearning ℓ(chosen) − ``rejected_weight``·ℓ(rejected). Every loss skips PAD targets (the refusal's second
     segment) unless ``pad_targets``."""
@@ -80,7 +83,7 @@ class FinetuneSpec:
     lrs: dict[str, float] = dataclasses.field(default_factory=lambda: {"eta_M": 1e-4, "eta_S": 1e-5})
     lr_scale: dict[str, float] = dataclasses.field(default_factory=dict)  # method -> factor on every named lr
     steps: int = 200
-    method_steps: dict[str, int] = dataclasses.field(default_factory=dict)  # method -> its own number of steps
+    method_overrides: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)  # method -> {field: value}
     batch_size: int = 32
     unsafe_frac: float = 0.2
     batch_mix: str = "per_batch"   # or "per_example"
@@ -94,17 +97,27 @@ class FinetuneSpec:
     rejected_weight: float = 0.1
     pad_targets: bool = False   # also train on PAD targets (the study's cross-entropy ignores them)
 
-    def key_for(self, method: str) -> dict[str, Any]:
-        """The fields one method's fine-tuning depends on (its stage's cache key): the shared ones, its own
-        (``METHOD_FIELDS``), its step count; not the run lists, learning rates or other methods' settings."""
-        others = {f for m, fields in METHOD_FIELDS.items() if m != method for f in fields}
-        skip = others | {"methods", "lrs", "lr_scale", "method_steps", "steps"}
-        return {**{k: v for k, v in dataclasses.asdict(self).items() if k not in skip},
-                "steps": self.steps_for(method)}
+    def for_method(self, method: str) -> FinetuneSpec:
+        """This spec with ``method``'s overrides applied (and no overrides left)."""
+        return dataclasses.replace(self, **self.method_overrides.get(method, {}), method_overrides={})
 
-    def steps_for(self, method: str) -> int:
-        """The number of fine-tuning steps of ``method``."""
-        return int(self.method_steps.get(method, self.steps))
+    def key_for(self, method: str) -> dict[str, Any]:
+        """The fields one method's fine-tuning depends on (its stage's cache key): the shared ones and its own
+        (``METHOD_FIELDS``), after its overrides; not the run lists, learning rates or other methods' settings."""
+        others = {f for m, fields in METHOD_FIELDS.items() if m != method for f in fields}
+        skip = others | NOT_OVERRIDABLE
+        return {k: v for k, v in dataclasses.asdict(self.for_method(method)).items() if k not in skip}
+
+    def validate(self, where: str = "finetune") -> None:
+        """Errors naming the field for values no run can use (``where`` prefixes the field names)."""
+        if self.batch_mix not in BATCH_MIXES:
+            raise ValueError(f"{where}.batch_mix={self.batch_mix!r}; choose one of {BATCH_MIXES}")
+        if not 0.0 <= self.unsafe_frac <= 1.0:
+            raise ValueError(f"{where}.unsafe_frac={self.unsafe_frac} must be in [0, 1]")
+        for name in ("steps", "batch_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{where}.{name}={value!r} must be a whole number ≥ 1")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,15 +164,19 @@ class StudyConfig:
         bad = {m: v for m, v in self.finetune.lr_scale.items() if m not in METHODS or not float(v) > 0}
         if bad:
             raise ValueError(f"finetune.lr_scale: {bad} — keys must be methods ({', '.join(METHODS)}), values > 0")
-        bad = {m: v for m, v in self.finetune.method_steps.items()
-               if m not in METHODS or not isinstance(v, int) or isinstance(v, bool) or v < 1}
-        if bad:
-            raise ValueError(f"finetune.method_steps: {bad} — keys must be methods ({', '.join(METHODS)}), "
-                             "values whole numbers ≥ 1")
-        if self.finetune.batch_mix not in BATCH_MIXES:
-            raise ValueError(f"finetune.batch_mix={self.finetune.batch_mix!r}; choose one of {BATCH_MIXES}")
-        if not 0.0 <= self.finetune.unsafe_frac <= 1.0:
-            raise ValueError(f"finetune.unsafe_frac={self.finetune.unsafe_frac} must be in [0, 1]")
+        f = self.finetune
+        f.validate()
+        for method, fields in f.method_overrides.items():
+            where = f"finetune.method_overrides.{method}"
+            if method not in METHODS:
+                raise ValueError(f"finetune.method_overrides: unknown method {method!r}; known: {', '.join(METHODS)}")
+            if not isinstance(fields, dict):
+                raise ValueError(f"{where}: expected a mapping of finetune fields, got {fields!r}")
+            known = {fd.name for fd in dataclasses.fields(FinetuneSpec)} - NOT_OVERRIDABLE
+            bad = sorted(set(fields) - known)
+            if bad:
+                raise ValueError(f"{where}: cannot override {bad}; overridable: {sorted(known)}")
+            f.for_method(method).validate(where)
         if not self.finetune.lrs:
             raise ValueError("finetune.lrs is empty: give at least one {name: learning rate}")
 

@@ -158,10 +158,11 @@ def pretrain(cfg: StudyConfig, world: World, mcfg: LlamaConfig, out_dir: str) ->
     return state.params
 
 
-def safety_batches(cfg: StudyConfig, world: World, step: int) -> SyntheticBatch:
-    """Fine-tuning batch ``step`` (the same for every method): all-unsafe w.p. ``unsafe_frac``, else all-safe; or,
-    with ``batch_mix="per_example"``, ``unsafe_frac`` of its rows unsafe."""
-    f = cfg.finetune
+def safety_batches(cfg: StudyConfig, world: World, step: int, method: str | None = None) -> SyntheticBatch:
+    """Fine-tuning batch ``step`` (the same for every method that shares the batch settings): all-unsafe w.p.
+    ``unsafe_frac``, else all-safe; or, with ``batch_mix="per_example"``, ``unsafe_frac`` of its rows unsafe.
+    ``method`` applies that method's ``finetune.method_overrides``."""
+    f = cfg.finetune if method is None else cfg.finetune.for_method(method)
     rng = np.random.default_rng([cfg.seed, 1, step])
     if f.batch_mix == "per_example":
         return mixed_safety_batch(world, f.batch_size, f.unsafe_frac, rng, cfg.world.grammars)
@@ -172,15 +173,15 @@ def safety_batches(cfg: StudyConfig, world: World, step: int) -> SyntheticBatch:
 def method_batch(cfg: StudyConfig, world: World, method: str, step: int) -> dict[str, np.ndarray]:
     """The trainer's batch dict of fine-tuning step ``step`` for ``method``: SFT rows for SSFT, preference pairs for
     DPO and unlearning; loss masks with or without the PAD targets (``finetune.pad_targets``)."""
-    batch = safety_batches(cfg, world, step)
-    pad = cfg.finetune.pad_targets
+    batch = safety_batches(cfg, world, step, method)
+    pad = cfg.finetune.for_method(method).pad_targets
     return batch.sft(pad_targets=pad) if method == "ssft" else batch.dpo(pad_targets=pad)
 
 
 def finetune(cfg: StudyConfig, world: World, mcfg: LlamaConfig, pre: Params, method: str, lr: float,
              out_dir: str) -> Params:
-    """One safety fine-tuning run from the pretrained params."""
-    f = cfg.finetune
+    """One safety fine-tuning run from the pretrained params (``finetune`` with ``method``'s overrides)."""
+    f = cfg.finetune.for_method(method)
     loss_fn = {
         "ssft": lambda: losses.make_sft_loss(mcfg),
         "dpo": lambda: losses.make_synthetic_dpo_loss(mcfg, beta_chosen=f.beta_chosen, beta_rejected=f.beta_rejected),
@@ -191,7 +192,7 @@ def finetune(cfg: StudyConfig, world: World, mcfg: LlamaConfig, pre: Params, met
     batches = StepBatches(functools.partial(method_batch, cfg, world, method))
     # DPO's reference = the frozen pretrained params, its log-probs computed inside the step (no extra compile).
     aux = {"ref_params": pre} if method.startswith("dpo") else None
-    steps = f.steps_for(method)
+    steps = f.steps
     ocfg = OptimConfig(lr=lr, schedule=f.schedule, warmup_steps=f.warmup_steps, total_steps=steps,
                        min_lr_ratio=0.01, weight_decay=f.weight_decay)
     state, history = train(loss_fn, build_optimizer(ocfg, pre), pre, batches,

@@ -56,7 +56,8 @@ def _shrink_note(cfg: StudyConfig, world: World, mcfg: LlamaConfig) -> str:
         ", ".join(f"{k} = {v:g}" for k, v in ft.lrs.items()) +
         ("; learning rate × " + ", ".join(f"{v:g} for {m}" for m, v in ft.lr_scale.items()) if ft.lr_scale else "") +
         f" (reference η_M = 1e-4, η_S = 1e-5); {ft.steps} steps of batch {ft.batch_size}" +
-        "".join(f" ({v} for {m})" for m, v in ft.method_steps.items()) + f", {mix}; "
+        f", {mix}" + "".join(f"; for {m}: " + ", ".join(f"{k} {v}" for k, v in o.items())
+                             for m, o in ft.method_overrides.items()) + "; "
         f"DPO β_w = {ft.beta_chosen}, β_l = {ft.beta_rejected} (study "
         f"variant, log-likelihood / (T−1)); standard DPO β = {ft.beta_standard} (sigmoid, summed log-probs"
         f"{f' + {ft.rpo_alpha:g}·NLL(chosen)' if ft.rpo_alpha else ''}); "
