@@ -57,6 +57,53 @@ def test_quick_run_writes_every_output(quick_run):
             assert json.load(f)[-1]["step"] == cfg.finetune.for_method(method).steps, method
 
 
+def test_a_method_started_from_another_methods_model_takes_it_as_its_dpo_reference(quick_run):
+    from experiments.study1_mechanics.run import method_batch
+    from safety_jax.model.config import get_preset
+    from safety_jax.model.hf import load_hf
+    from safety_jax.train import losses
+
+    cfg, out, _ = quick_run
+    assert cfg.finetune.for_method("dpo_standard").start_from == "ssft"
+    with open(os.path.join(out, "finetune_dpo_standard@eta_M", "history.json")) as f:
+        first = json.load(f)[0]
+    assert first["step"] == 1
+    # policy = reference at step 1: the DPO loss is log 2 and every reward 0
+    np.testing.assert_allclose(first["loss"], np.log(2.0), rtol=1e-5)
+    np.testing.assert_allclose(first["rewards/margins"], 0.0, atol=1e-5)
+    # and that policy is the SSFT model, not the pretrained one: step 1's log-probs are the SSFT model's on batch 0
+    world = build_world(get_world_config(cfg.world.preset))
+    batch = method_batch(cfg, world, "dpo_standard", 0)
+    mcfg = get_preset(cfg.model.preset, **cfg.model.overrides)
+    loss_fn = losses.make_dpo_loss(mcfg, beta=cfg.finetune.beta_standard)
+    logps = {}
+    for name in ("finetune_ssft@eta_M", "pretrain"):
+        params = load_hf(os.path.join(out, name, "model"))[1]
+        logps[name] = float(loss_fn(params, batch, {"ref_params": params})[1]["logps/chosen"])
+    np.testing.assert_allclose(first["logps/chosen"], logps["finetune_ssft@eta_M"], rtol=1e-5)
+    assert abs(logps["finetune_ssft@eta_M"] - logps["pretrain"]) > 1e-2 * abs(logps["pretrain"])
+
+
+def test_start_from_is_validated_and_orders_and_keys_the_runs():
+    from experiments.study1_mechanics.run import _start_order, finetune_runs, start_run
+
+    for bad, match in (("{dpo_standard: {start_from: sft}}", "not one of finetune.methods"),
+                       ("{dpo: {start_from: dpo}}", "cycle dpo -> dpo"),
+                       ("{ssft: {start_from: dpo}, dpo: {start_from: ssft}}", "cycle")):
+        with pytest.raises(ValueError, match=match):
+            load_config("quick", [f"finetune.method_overrides={bad}"])
+    with pytest.raises(ValueError, match="not one of finetune.methods"):
+        load_config("quick", ["finetune.methods=[dpo_standard]"])  # quick's dpo_standard starts from ssft
+    cfg = load_config("quick", ["finetune.methods=[dpo_standard, unlearning, ssft]",
+                                "finetune.lrs={eta_M: 1e-3, eta_S: 1e-4}"])
+    runs = finetune_runs(cfg)
+    assert start_run(cfg, "dpo_standard@eta_S") == "ssft@eta_S" and start_run(cfg, "ssft@eta_S") is None
+    order = _start_order(cfg, runs)
+    assert sorted(order) == sorted(runs)
+    assert order.index("ssft@eta_M") < order.index("dpo_standard@eta_M")
+    assert order.index("ssft@eta_S") < order.index("dpo_standard@eta_S")
+
+
 def test_quick_metrics_are_sane(quick_run):
     cfg, out, _ = quick_run
     with open(os.path.join(out, "metrics.json")) as f:

@@ -77,7 +77,10 @@ class FinetuneSpec:
     ``{dpo: {steps: 2000, unsafe_frac: 0.5625}}`` (:meth:`for_method` resolves them). DPO: the study's
     asymmetric variant (β_w, β_l, length-normalised by T−1) and standard sigmoid DPO (β, summed log-probs);
     unlearning ℓ(chosen) − ``rejected_weight``·ℓ(rejected). Every loss skips PAD targets (the refusal's second
-    segment) unless ``pad_targets``."""
+    segment) unless ``pad_targets``. ``start_from`` (usually set per method): ``"pretrained"``, or the method whose
+    fine-tuned model (at the same named learning rate) this method starts from and, for DPO, takes as its frozen
+    reference — the DPO paper's recipe when the preferred completions are not the model's own: first fit them by
+    maximum likelihood (here SSFT, whose targets are exactly DPO's chosen completions), then run DPO from there."""
 
     methods: list[str] = dataclasses.field(default_factory=lambda: list(METHODS))
     lrs: dict[str, float] = dataclasses.field(default_factory=lambda: {"eta_M": 1e-4, "eta_S": 1e-5})
@@ -96,6 +99,7 @@ class FinetuneSpec:
     rpo_alpha: float = 0.0      # standard DPO only: + α·NLL(chosen) (TRL's rpo_alpha); 0 = plain DPO
     rejected_weight: float = 0.1
     pad_targets: bool = False   # also train on PAD targets (the study's cross-entropy ignores them)
+    start_from: str = "pretrained"  # or a method: start from its model (at the same named lr); DPO's reference too
 
     def for_method(self, method: str) -> FinetuneSpec:
         """This spec with ``method``'s overrides applied (and no overrides left)."""
@@ -177,6 +181,16 @@ class StudyConfig:
             if bad:
                 raise ValueError(f"{where}: cannot override {bad}; overridable: {sorted(known)}")
             f.for_method(method).validate(where)
+        for method in f.methods:  # start_from names a method this config runs, without cycles
+            seen, m = [method], f.for_method(method).start_from
+            while m != "pretrained":
+                if m not in f.methods:
+                    raise ValueError(f"finetune: {seen[-1]} starts from {m!r}, which is not one of finetune.methods "
+                                     f"({', '.join(f.methods)}); use 'pretrained' or one of those")
+                if m in seen:
+                    raise ValueError(f"finetune.start_from: cycle {' -> '.join([*seen, m])}")
+                seen.append(m)
+                m = f.for_method(m).start_from
         if not self.finetune.lrs:
             raise ValueError("finetune.lrs is empty: give at least one {name: learning rate}")
 

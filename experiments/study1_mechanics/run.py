@@ -178,9 +178,10 @@ def method_batch(cfg: StudyConfig, world: World, method: str, step: int) -> dict
     return batch.sft(pad_targets=pad) if method == "ssft" else batch.dpo(pad_targets=pad)
 
 
-def finetune(cfg: StudyConfig, world: World, mcfg: LlamaConfig, pre: Params, method: str, lr: float,
+def finetune(cfg: StudyConfig, world: World, mcfg: LlamaConfig, init: Params, method: str, lr: float,
              out_dir: str) -> Params:
-    """One safety fine-tuning run from the pretrained params (``finetune`` with ``method``'s overrides)."""
+    """One safety fine-tuning run from ``init`` (the pretrained params, or the model of the method it starts from,
+    which is also DPO's frozen reference), with ``finetune`` and ``method``'s overrides."""
     f = cfg.finetune.for_method(method)
     loss_fn = {
         "ssft": lambda: losses.make_sft_loss(mcfg),
@@ -190,12 +191,12 @@ def finetune(cfg: StudyConfig, world: World, mcfg: LlamaConfig, pre: Params, met
         "unlearning": lambda: losses.make_synthetic_unlearning_loss(mcfg, rejected_weight=f.rejected_weight),
     }[method]()
     batches = StepBatches(functools.partial(method_batch, cfg, world, method))
-    # DPO's reference = the frozen pretrained params, its log-probs computed inside the step (no extra compile).
-    aux = {"ref_params": pre} if method.startswith("dpo") else None
+    # DPO's reference = the frozen starting params, its log-probs computed inside the step (no extra compile).
+    aux = {"ref_params": init} if method.startswith("dpo") else None
     steps = f.steps
     ocfg = OptimConfig(lr=lr, schedule=f.schedule, warmup_steps=f.warmup_steps, total_steps=steps,
                        min_lr_ratio=0.01, weight_decay=f.weight_decay)
-    state, history = train(loss_fn, build_optimizer(ocfg, pre), pre, batches,
+    state, history = train(loss_fn, build_optimizer(ocfg, init), init, batches,
                            TrainConfig(steps=steps, log_every=max(steps // 10, 1), seed=cfg.seed), aux=aux)
     with open(os.path.join(out_dir, "history.json"), "w") as fh:  # short runs: no orbax checkpoints, just the log
         json.dump(history, fh)
@@ -300,6 +301,26 @@ def finetune_runs(cfg: StudyConfig) -> dict[str, tuple[str, float]]:
     return {f"{m}@{name}": (m, lr * f.lr_scale.get(m, 1.0)) for name, lr in f.lrs.items() for m in f.methods}
 
 
+def start_run(cfg: StudyConfig, name: str) -> str | None:
+    """The fine-tuning run whose model run ``name`` ("method@lr_name") starts from; None = the pretrained model."""
+    method, lr_name = name.split("@", 1)
+    parent = cfg.finetune.for_method(method).start_from
+    return None if parent == "pretrained" else f"{parent}@{lr_name}"
+
+
+def _start_order(cfg: StudyConfig, runs: dict[str, Any]) -> list[str]:
+    """The runs with every run after the one it starts from (the config rejects cycles)."""
+    order: list[str] = []
+    def visit(name: str) -> None:
+        if name not in order:
+            if parent := start_run(cfg, name):
+                visit(parent)
+            order.append(name)
+    for name in runs:
+        visit(name)
+    return order
+
+
 def run(cfg: StudyConfig, out: str) -> dict[str, Any]:
     """Every stage of the study into ``out``; returns the metrics written to ``metrics.json``."""
     t_start = time.perf_counter()
@@ -315,16 +336,25 @@ def run(cfg: StudyConfig, out: str) -> dict[str, Any]:
     pre_key = {k: c[k] for k in ("seed", "world", "model", "pretrain")}
     # Changing one method's settings recomputes that method alone; the evaluation and analyses depend on every
     # model's stage key, so they follow any model that was recomputed.
-    ft_keys = {name: {**pre_key, "finetune": cfg.finetune.key_for(method), "lr": lr}
-               for name, (method, lr) in finetune_runs(cfg).items()}
+    # A method that starts from another method's model depends on that model's key too.
+    runs = finetune_runs(cfg)
+    ft_keys: dict[str, Any] = {}
+    for name in _start_order(cfg, runs):
+        method, lr = runs[name]
+        parent = start_run(cfg, name)
+        ft_keys[name] = {**pre_key, "finetune": cfg.finetune.key_for(method), "lr": lr,
+                         **({"start": ft_keys[parent]} if parent else {})}
     eval_key = {**{k: v for k, v in c.items() if k not in ("name", "notes", "analysis")}, "models": ft_keys}
     analysis_key = {**eval_key, "analysis": c["analysis"]}
 
     pre = st.model("pretrain", pre_key, mcfg, world, lambda d: pretrain(cfg, world, mcfg, d))
     tuned: dict[str, Params] = {}
-    for name, (method, lr) in finetune_runs(cfg).items():
+    for name in _start_order(cfg, runs):
+        method, lr = runs[name]
+        init = tuned[parent] if (parent := start_run(cfg, name)) else pre
         tuned[name] = st.model(f"finetune_{name}", ft_keys[name], mcfg, world,
-                               lambda d, m=method, lr=lr: finetune(cfg, world, mcfg, pre, m, lr, d))
+                               lambda d, m=method, lr=lr, init=init: finetune(cfg, world, mcfg, init, m, lr, d))
+    tuned = {name: tuned[name] for name in runs}  # the config's order
     models = {"pretrained": pre, **tuned}
 
     metrics: dict[str, Any] = {}
