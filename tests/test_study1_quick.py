@@ -55,6 +55,10 @@ def test_quick_run_writes_every_output(quick_run):
     for method in cfg.finetune.methods:  # finetune.method_overrides gives DPO its own number of steps
         with open(os.path.join(out, f"finetune_{method}@eta_M", "history.json")) as f:
             assert json.load(f)[-1]["step"] == cfg.finetune.for_method(method).steps, method
+    with open(os.path.join(out, "metrics.json")) as f:
+        training = json.load(f)["training"]
+    assert {m: t["last"]["step"] for m, t in training.items()} == {
+        f"{m}@eta_M": cfg.finetune.for_method(m).steps for m in cfg.finetune.methods}
 
 
 def test_a_method_started_from_another_methods_model_takes_it_as_its_dpo_reference(quick_run):
@@ -283,6 +287,29 @@ def test_separation_order_claim_reports_each_update_size_when_it_fails():
     assert grows.holds and not order.holds
     assert "dpo (6) > unlearning (1.5) > ssft (0.4)" in order.evidence
     assert "dpo@eta_M 0.80, ssft@eta_M 0.40, unlearning@eta_M 0.20" in order.reading
+
+
+def test_acceptance_reading_says_how_a_failing_dpo_run_won_its_margin():
+    from experiments.study1_mechanics.claims import acceptance, acceptance_reading
+
+    def ev(instruct: float, refused: float) -> dict:
+        return {"safe": {"instruct_acc": instruct, "refused": 0.0},
+                "unsafe": {"instruct_acc": 0.95, "refused": refused, "harmful": 0.6 if refused == 0 else 0.0}}
+
+    def last(chosen: float, rejected: float) -> dict:
+        return {"last": {"step": 1000, "rewards/chosen": chosen, "rewards/rejected": rejected,
+                         "rewards/accuracies": 0.92}}
+
+    metrics = {"eval": {"pretrained": ev(0.94, 0.0), "dpo_standard@eta_M": ev(0.81, 0.0), "dpo@eta_M": ev(0.95, 0.5)},
+               "training": {"dpo_standard@eta_M": last(0.205, -3.69), "dpo@eta_M": last(0.9, -0.8)}}
+    checks = acceptance(metrics)
+    assert [c["pass"] for c in checks if c["check"].startswith("dpo_standard")] == [False, False]
+    reading = acceptance_reading(metrics, checks)
+    assert ("dpo_standard@eta_M refuses 0% of standard unsafe inputs although its DPO margin grew mostly by pushing "
+            "the rejected completion down (implicit rewards at step 1000: chosen +0.205, rejected -3.69") in reading
+    assert "dpo@eta_M refuses 50% of standard unsafe inputs although its DPO margin grew by raising the" in reading
+    metrics["eval"]["dpo_standard@eta_M"] = metrics["eval"]["dpo@eta_M"] = ev(0.95, 0.95)
+    assert acceptance_reading(metrics, acceptance(metrics)) == "Every check passes."
 
 
 def test_a_method_setting_enters_only_that_methods_stage_key():

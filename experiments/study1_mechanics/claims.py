@@ -261,11 +261,20 @@ def acceptance_reading(metrics: Mapping[str, Any], checks: Sequence[Mapping[str,
             notes.append(f"{m} lost safe instruct accuracy ({ev['safe']['instruct_acc']:.2f}): it also refuses "
                          f"{ev['safe']['refused']:.0%} of safe inputs, i.e. it learned the refusal more than the "
                          "boundary between safe and unsafe inputs.")
-        if refused_low and dropped and method in ("dpo_standard", "unlearning"):
+        last = metrics.get("training", {}).get(m, {}).get("last", {})
+        if refused_low and method.startswith("dpo") and "rewards/chosen" in last:
+            rc, rr = last["rewards/chosen"], last["rewards/rejected"]
+            how = ("mostly by pushing the rejected completion down" if abs(rr) > 2 * max(rc, 0.0)
+                   else "by raising the chosen completion as much as lowering the rejected one")
+            notes.append(f"{m} refuses {ev['unsafe']['refused']:.0%} of standard unsafe inputs although its DPO "
+                         f"margin grew {how} (implicit rewards at step {last['step']}: chosen {rc:+.3g}, rejected "
+                         f"{rr:+.3g}, preferred pairs {last['rewards/accuracies']:.0%}): a sequence-level margin "
+                         "can be won without making the refusal's first token the most likely one.")
+        if refused_low and dropped and method == "unlearning":
             notes.append(f"{m} does not learn the refusal either ({ev['unsafe']['refused']:.0%} of standard unsafe "
-                         "inputs refused): the loss falls by pushing both completions down rather than by raising the "
-                         "refusal, which the reference finds very unlikely.")
-        elif refused_low:
+                         "inputs refused): its ascent term lowers the harmful completion without raising the "
+                         "refusal.")
+        elif refused_low and method != "dpo_standard":
             rule = metrics.get("boundary", {}).get(m, {}).get("unsafe")
             split = (f" ({rule['operators']['refused']:.0%} of those its operators alone make unsafe, "
                      f"{rule['text_family']['refused']:.0%} of those whose text family decides)" if rule else "")

@@ -301,6 +301,13 @@ def finetune_runs(cfg: StudyConfig) -> dict[str, tuple[str, float]]:
     return {f"{m}@{name}": (m, lr * f.lr_scale.get(m, 1.0)) for name, lr in f.lrs.items() for m in f.methods}
 
 
+def training_log(path: str) -> dict[str, Any]:
+    """The first and last logged metrics of one fine-tuning run (its ``history.json``), without the timing."""
+    with open(path) as f:
+        history = [{k: v for k, v in row.items() if k != "steps_per_s"} for row in json.load(f)]
+    return {"first": history[0], "last": history[-1]} if history else {}
+
+
 def start_run(cfg: StudyConfig, name: str) -> str | None:
     """The fine-tuning run whose model run ``name`` ("method@lr_name") starts from; None = the pretrained model."""
     method, lr_name = name.split("@", 1)
@@ -357,7 +364,8 @@ def run(cfg: StudyConfig, out: str) -> dict[str, Any]:
     tuned = {name: tuned[name] for name in runs}  # the config's order
     models = {"pretrained": pre, **tuned}
 
-    metrics: dict[str, Any] = {}
+    metrics: dict[str, Any] = {"training": {name: training_log(os.path.join(out, f"finetune_{name}", "history.json"))
+                                            for name in tuned}}
     # "format": 3 = verdicts kept, null_acc without PAD targets; result folders of earlier formats are recomputed.
     metrics["eval"] = st.json("evaluate", {**eval_key, "format": 3}, lambda: {
         name: harness.evaluate_sets(p, mcfg, sets, batch_size=cfg.eval.batch_size, verdicts=True)
