@@ -93,7 +93,8 @@ def claim_separation(metrics: Mapping[str, Any]) -> list[Claim]:
                "rate and steps can differ per method), and the study's DPO and unlearning losses are divided by the "
                "full sequence length and weighted by β, so their effective step differs from SSFT's at the same "
                "learning rate; one short run per method (one seed) cannot separate method from budget. The paper's "
-               "order comes from long runs at two learning rates.")
+               "order comes from long runs at two learning rates. To compare the methods alone, re-run with one "
+               "budget for all: `finetune.lr_scale={}` `finetune.method_overrides={}`.")
     out.append(Claim("separation_order", "Separation is ordered unlearning ≥ DPO ≥ SSFT", ok_all,
                      "Observed " + "; ".join(orders) + ".", reading))
     if len(lrs) > 1:
