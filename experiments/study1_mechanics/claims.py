@@ -265,7 +265,7 @@ def acceptance_reading(metrics: Mapping[str, Any], checks: Sequence[Mapping[str,
         last = metrics.get("training", {}).get(m, {}).get("last", {})
         if refused_low and method.startswith("dpo") and "rewards/chosen" in last:
             rc, rr = last["rewards/chosen"], last["rewards/rejected"]
-            how = ("mostly by pushing the rejected completion down" if abs(rr) > 2 * max(rc, 0.0)
+            how = ("mostly by pushing the rejected completion down" if -rr > 2 * max(rc, 0.0)
                    else "by raising the chosen completion as much as lowering the rejected one")
             notes.append(f"{m} refuses {ev['unsafe']['refused']:.0%} of standard unsafe inputs although its DPO "
                          f"margin grew {how} (implicit rewards at step {last['step']}: chosen {rc:+.3g}, rejected "
