@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from safety_jax.model.config import ConfigError
+from safety_jax.errors import ConfigError
 
 Batch = dict[str, np.ndarray]
 SEQUENCE_FIELDS = ("tokens", "loss_mask", "attention_mask", "positions")
@@ -127,6 +127,10 @@ class BatchIterator(Iterator[Batch]):
     `default_buckets` of the longest example) that holds its longest sequence. With ``drop_last`` off the last batch
     of an epoch is completed with filler rows (``example_mask`` 0), so every batch has the same shape ``[B, T]``.
 
+    In a multi-process job each process passes its ``process_index`` and the ``process_count``: every process walks
+    the same global order and yields only its ``batch_size / process_count`` rows of each global batch (padded to the
+    bucket of the whole global batch, so all processes agree on the shape).
+
     With ``accum_steps`` set, every array is shaped ``[accum_steps, batch_size // accum_steps, ...]`` for a scan over
     micro-batches; all micro-batches of one step share the step's bucket length. ``num_epochs=None`` iterates
     forever. ``state()`` / ``restore()`` resume exactly: the restored iterator yields the same remaining batches.
@@ -135,13 +139,17 @@ class BatchIterator(Iterator[Batch]):
     def __init__(self, examples: Sequence[Mapping[str, Any]], batch_size: int, buckets: Sequence[int] | None = None,
                  seed: int = 0, shuffle: bool = True, drop_last: bool = True, *, accum_steps: int | None = None,
                  pad_id: int = 0, padding_side: Literal["right", "left"] = "right",
-                 num_epochs: int | None = None) -> None:
+                 num_epochs: int | None = None, process_index: int = 0, process_count: int = 1) -> None:
         if batch_size < 1:
             raise ConfigError(f"batch_size={batch_size} must be positive")
         if accum_steps is not None and (accum_steps < 1 or batch_size % accum_steps):
             raise ConfigError(f"batch_size={batch_size} must be a multiple of accum_steps={accum_steps}")
         if not examples:
             raise ValueError("BatchIterator needs at least one example")
+        if not 0 <= process_index < process_count or batch_size % process_count:
+            raise ConfigError(f"batch_size={batch_size} must be a multiple of process_count={process_count} and "
+                              f"0 <= process_index={process_index} < process_count")
+        self.process_index, self.process_count = process_index, process_count
         self.examples = examples
         self.lengths = np.asarray([example_length(ex) for ex in examples])
         self.buckets = tuple(sorted(buckets)) if buckets is not None else default_buckets(int(self.lengths.max()))
@@ -186,8 +194,10 @@ class BatchIterator(Iterator[Batch]):
         if self._order_epoch != self._epoch:
             self._order, self._order_epoch = self.epoch_order(self._epoch), self._epoch
         idx = self._order[self._position * self.batch_size:(self._position + 1) * self.batch_size]
-        length = pick_bucket(int(self.lengths[idx].max()), self.buckets)
-        batch = pad_batch([self.examples[i] for i in idx], length, batch_size=self.batch_size, pad_id=self.pad_id,
+        length = pick_bucket(int(self.lengths[idx].max()), self.buckets)  # from the global batch: one shape for all
+        rows = self.batch_size // self.process_count
+        local = idx[self.process_index * rows:(self.process_index + 1) * rows]
+        batch = pad_batch([self.examples[i] for i in local], length, batch_size=rows, pad_id=self.pad_id,
                           padding_side=self.padding_side)
         self._position += 1
         if self._position == self.steps_per_epoch:

@@ -9,19 +9,24 @@ rule on a module also covers its LoRA adapters.
 The transformation, for ``params`` that may carry LoRA adapters under ``"lora"``::
 
     zero the grads of frozen weights / layer slices   (so they do not count in the clipping norm)
-    clip_by_global_norm(clip_norm)
+    clip_by_global_norm(clip_norm)                    (the norm is kept in the state: ``last_grad_norm``)
     optax.partition({"trainable": opt, "lora": opt, "frozen": set_to_zero()})   (frozen: no update, no decay)
     multiply each update by its (module, layer) multiplier   ([L] vector on the stacked layers axis)
 
 The multiplier scales the whole update, weight decay included, so it is a true learning-rate multiplier
 (ML-LR, shared/methods/02). Freezing part of a stacked weight (``mlp.down@0-3``) sets those slices' multiplier to 0.
+
+Training differentiates the trainable weights only: :func:`split_trainable` cuts params into a trainable tree and a
+frozen tree of the same structure, each holding ``None`` where the other has the weight (a weight with any trainable
+layer slice is trainable). :func:`build_optimizer` accepts either the full params or the trainable tree; the trainer
+takes the trainable tree as its state and the frozen one as a constant (``train(..., frozen=...)``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -74,6 +79,17 @@ class OptimConfig:
         mults = self.lr_multipliers
         pairs = tuple(mults.items()) if isinstance(mults, Mapping) else tuple(tuple(p) for p in mults)
         object.__setattr__(self, "lr_multipliers", tuple((str(r), float(v)) for r, v in pairs))
+        for name in ("lr", "eps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+                raise ValueError(f"OptimConfig.{name}={value!r} must be a positive number")
+        if self.lora_lr is not None and not self.lora_lr > 0:
+            raise ValueError(f"OptimConfig.lora_lr={self.lora_lr!r} must be a positive number (or null: lr)")
+        for name in ("weight_decay", "warmup_steps", "total_steps", "min_lr_ratio", "momentum"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"OptimConfig.{name}={getattr(self, name)!r} must be >= 0")
+        if self.clip_norm is not None and not self.clip_norm > 0:
+            raise ValueError(f"OptimConfig.clip_norm={self.clip_norm!r} must be positive (or null: no clipping)")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"OptimConfig.optimizer={self.optimizer!r}; choose one of {OPTIMIZERS}")
         if self.schedule not in SCHEDULES:
@@ -124,8 +140,11 @@ def parse_rule(rule: str, num_layers: int) -> ModuleRule:
 
 
 def num_layers_of(params: Params) -> int:
-    """Length of the stacked layers axis."""
-    return int(jax.tree.leaves(params["layers"])[0].shape[0])
+    """Length of the stacked layers axis (read from the adapters when every base layer weight is cut out)."""
+    leaves = jax.tree.leaves(params["layers"]) or jax.tree.leaves(params.get(LORA_KEY, {}))
+    if not leaves:
+        raise ValueError("params have no per-layer weights to read the number of layers from")
+    return int(leaves[0].shape[0])
 
 
 def _has_module(params: Params, module: str) -> bool:
@@ -217,6 +236,54 @@ def decays(path: tuple[Any, ...], cfg: OptimConfig) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------------- transforms
+def trainable_mask(cfg: OptimConfig, params: Params) -> Params:
+    """Per leaf, a Python bool: True when any slice of the weight is trained (False: the whole weight is frozen)."""
+    return jax.tree.map(lambda f: not bool(np.all(f)), frozen_layers(cfg, params))
+
+
+def split_trainable(cfg: OptimConfig, params: Params) -> tuple[Params, Params]:
+    """``(trainable, frozen)``: two trees shaped like ``params``, each with ``None`` where the other holds the leaf."""
+    mask = trainable_mask(cfg, params)
+    trainable = jax.tree.map(lambda m, p: p if m else None, mask, params)
+    frozen = jax.tree.map(lambda m, p: None if m else p, mask, params)
+    return trainable, frozen
+
+
+def merge_params(trainable: Params, frozen: Params | None) -> Params:
+    """Inverse of :func:`split_trainable` (``frozen=None``: ``trainable`` is already whole)."""
+    if frozen is None:
+        return trainable
+    return jax.tree.map(lambda t, f: f if t is None else t, trainable, frozen, is_leaf=lambda x: x is None)
+
+
+class GradNormState(NamedTuple):
+    """The global norm of the last gradients the optimizer received (after frozen slices were zeroed)."""
+
+    grad_norm: jax.Array
+
+
+def clip_by_global_norm_recorded(max_norm: float | None) -> optax.GradientTransformation:
+    """``optax.clip_by_global_norm`` (or no clipping for ``None``) that keeps the norm it used in its state."""
+    def init_fn(params):
+        return GradNormState(jnp.zeros((), jnp.float32))
+
+    def update_fn(updates, state, params=None):
+        norm = optax.global_norm(updates)
+        if max_norm:  # optax.clip_by_global_norm's arithmetic, so clipped runs are bit-identical to it
+            updates = jax.tree.map(lambda u: jnp.where(norm < max_norm, u, (u / norm.astype(u.dtype)) * max_norm),
+                                   updates)
+        return updates, GradNormState(norm.astype(jnp.float32))
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def last_grad_norm(opt_state: Any) -> jax.Array | None:
+    """The norm :func:`clip_by_global_norm_recorded` stored in an optimizer state (None when there is none)."""
+    found = [s.grad_norm for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, GradNormState))
+             if isinstance(s, GradNormState)]
+    return found[0] if found else None
+
+
 def _broadcast(m: np.ndarray, x: jax.Array) -> jax.Array:
     return jnp.asarray(m, x.dtype).reshape(m.shape + (1,) * (x.ndim - m.ndim))
 
@@ -275,7 +342,8 @@ def _base_optimizer(cfg: OptimConfig, schedule: optax.Schedule) -> optax.Gradien
 
 
 def build_optimizer(cfg: OptimConfig, params: Params) -> optax.GradientTransformation:
-    """The optax transformation for ``params`` (plain params, or with adapters under ``"lora"``)."""
+    """The optax transformation for ``params`` (plain params, or with adapters under ``"lora"``), or for the
+    trainable tree of :func:`split_trainable` (frozen leaves cut out as ``None``)."""
     frozen = frozen_layers(cfg, params)
     labels = param_labels(cfg, params)
     mults = lr_multipliers(cfg, params)
@@ -283,8 +351,6 @@ def build_optimizer(cfg: OptimConfig, params: Params) -> optax.GradientTransform
     lora_schedule = learning_rate_schedule(cfg, cfg.lora_lr) if cfg.lora_lr is not None else schedule
     groups = {"trainable": _base_optimizer(cfg, schedule), "lora": _base_optimizer(cfg, lora_schedule),
               "frozen": optax.set_to_zero()}
-    chain = [mask_frozen_grads(frozen)]
-    if cfg.clip_norm:
-        chain.append(optax.clip_by_global_norm(cfg.clip_norm))
-    chain += [optax.partition(groups, labels), scale_by_layer_multipliers(mults)]
+    chain = [mask_frozen_grads(frozen), clip_by_global_norm_recorded(cfg.clip_norm),
+             optax.partition(groups, labels), scale_by_layer_multipliers(mults)]
     return optax.chain(*chain)

@@ -1,12 +1,21 @@
-"""The training engine: a jitted step (gradient accumulation as a scan over micro-batches) and a plain loop.
+"""The training engine: a jitted step over the trainable weights only, and a plain loop around it.
 
-The step takes a train state, a batch stacked ``[n_micro, micro_batch, ...]`` and static auxiliary data (frozen
-reference params), and returns the new state and metrics averaged over micro-batches. Master params stay in their
-storage dtype (float32 by default) while ``config.compute_dtype`` sets the matmul dtype inside the model. With a mesh,
-state and batch are sharded by the logical-axis rules of ``safety_jax.parallel``.
+The step takes a train state (step, the *trainable* params, optimizer state, PRNG key data), a batch stacked
+``[n_micro, micro_batch, ...]``, static auxiliary data (e.g. frozen reference params) and the frozen params, and
+returns the new state and metrics averaged over micro-batches. Only ``state.params`` is differentiated: frozen weights
+(a LoRA base, frozen modules — see ``optim.split_trainable``) enter the loss as constants, so the compiled step holds
+no weight-gradient matmul, accumulator or norm term for them. Master params keep their storage dtype (float32 by
+default) while ``config.compute_dtype`` sets the matmul dtype inside the model (mixed precision as in MaxText and
+Levanter); ``TrainConfig.matmul_precision`` sets XLA's matmul precision.
+
+A step whose loss or gradient norm is not finite leaves params and optimizer state unchanged and records its number in
+``state.nonfinite_step``; the loop checks it whenever it syncs with the host (logging, checkpointing, evaluation) and
+stops with :class:`~safety_jax.errors.NonFiniteError` before anything is written, so no checkpoint holds NaN params.
 
 The loop logs metrics to JSONL and TensorBoard event files, shows a progress bar, runs eval callbacks, and saves
-orbax checkpoints (params, optimizer state, step, RNG and the data iterator position) every N steps, resuming exactly.
+orbax checkpoints (trainable params, optimizer state, step, RNG, data position and a fingerprint of the run's config)
+every N steps. A re-run resumes exactly — refusing a checkpoint written under another fingerprint — and never logs a
+step twice.
 """
 
 from __future__ import annotations
@@ -25,30 +34,47 @@ import numpy as np
 import optax
 from flax import struct
 
-from safety_jax.train.losses import LossFn, add_loss_normalizers
+from safety_jax.errors import ConfigError, DataError, NonFiniteError
+from safety_jax.train.losses import LossFn
+from safety_jax.train.optim import last_grad_norm, merge_params
 
 log = logging.getLogger(__name__)
 Batch = Mapping[str, Any]
 
+MATMUL_PRECISIONS = ("default", "high", "highest", "bfloat16", "tensorfloat32", "float32")
+REMAT_POLICIES = ("none", "dots_saveable", "full")
+RESUME_MODES = ("auto", "force", "never")
+# TrainConfig fields that may change between a run and its resumption (they change no number the run computes).
+RESUMABLE_FIELDS = ("steps", "log_every", "eval_every", "save_every", "keep_checkpoints", "progress", "resume")
+
 
 @struct.dataclass
 class TrainState:
-    """Everything a step changes: step count, params (trainable and frozen), optimizer state, PRNG key data."""
+    """Everything a step changes: step count, trainable params, optimizer state, PRNG key data, and the first step
+    whose loss or gradient was not finite (0 while every step was)."""
 
     step: jax.Array
     params: Any
     opt_state: Any
     rng: jax.Array
+    nonfinite_step: jax.Array
 
     @classmethod
     def create(cls, params: Any, optimizer: optax.GradientTransformation, seed: int = 0) -> TrainState:
         return cls(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
-                   rng=jax.random.key_data(jax.random.key(seed)))
+                   rng=jax.random.key_data(jax.random.key(seed)), nonfinite_step=jnp.zeros((), jnp.int32))
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    """Loop settings (the optimizer lives in ``OptimConfig``, the data in ``DataConfig``)."""
+    """Loop settings (the optimizer lives in ``OptimConfig``, the data in ``DataConfig``).
+
+    matmul_precision: XLA's matmul precision for the step (``None``: the backend's default; ``"highest"`` for fp32
+    parity checks). remat: the layer rematerialisation policy the losses are built with (``safety-jax train`` passes
+    it to the loss; ``none``, ``dots_saveable``, ``full``). resume: ``auto`` continues a checkpoint in the output
+    folder whose config fingerprint matches and refuses one that does not; ``force`` continues it anyway; ``never``
+    refuses any existing checkpoint.
+    """
 
     steps: int = 100
     grad_accum: int = 1
@@ -58,86 +84,141 @@ class TrainConfig:
     keep_checkpoints: int = 2
     seed: int = 0
     progress: bool = True
+    matmul_precision: str | None = None
+    remat: str = "none"
+    resume: str = "auto"
+
+    def __post_init__(self) -> None:
+        for name, low in (("steps", 1), ("grad_accum", 1), ("log_every", 1), ("eval_every", 0), ("save_every", 0),
+                          ("keep_checkpoints", 1), ("seed", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ConfigError(f"train.{name}={value!r} must be an integer >= {low}")
+        if not isinstance(self.progress, bool):
+            raise ConfigError(f"train.progress={self.progress!r} must be true or false")
+        for name, allowed in (("matmul_precision", MATMUL_PRECISIONS), ("remat", REMAT_POLICIES),
+                              ("resume", RESUME_MODES)):
+            value = getattr(self, name)
+            if value not in allowed and not (name == "matmul_precision" and value is None):
+                raise ConfigError(f"train.{name}={value!r}; choose one of {', '.join(allowed)}")
 
 
-def _split_micro(batch: Batch, n_micro: int) -> dict[str, Any]:
-    """[B, ...] -> [n_micro, B / n_micro, ...] for arrays with a batch axis (scalars are left alone)."""
+def stack_micro_batches(batch: Batch, grad_accum: int) -> dict[str, Any]:
+    """Shape a ``[B, ...]`` batch for the step: ``[grad_accum, B / grad_accum, ...]`` (scalars are left alone).
+
+    Batches already stacked (their ``tokens``-like arrays have 3 dims) are kept as they are.
+    """
+    seq_key = next((k for k in batch if k.endswith("tokens")), None)
+    if seq_key is not None and np.ndim(batch[seq_key]) == 3:
+        return dict(batch)
     out = {}
     for k, v in batch.items():
         v = np.asarray(v)
         if v.ndim == 0:
             out[k] = v
             continue
-        if v.shape[0] % n_micro:
-            raise ValueError(f"batch['{k}'] has {v.shape[0]} rows, not divisible by grad_accum={n_micro}")
-        out[k] = v.reshape(n_micro, v.shape[0] // n_micro, *v.shape[1:])
+        if v.shape[0] % grad_accum:
+            raise ConfigError(f"batch['{k}'] has {v.shape[0]} rows, not divisible by train.grad_accum={grad_accum}")
+        out[k] = v.reshape(grad_accum, v.shape[0] // grad_accum, *v.shape[1:])
     return out
 
 
-def stack_micro_batches(batch: Batch, grad_accum: int) -> dict[str, Any]:
-    """Shape a batch for the step: ``[n_micro, micro, ...]`` plus the loss normalisers of SFT-style losses.
+def _loss_normalizers(batch: Batch) -> dict[str, jax.Array]:
+    """``{p}loss_normalizer [n_micro]`` = the step's target tokens / n_micro for every ``{p}loss_mask``, so averaging
+    token-mean losses over micro-batches gives ``Σ NLL / Σ tokens`` (computed on the global batch, all hosts)."""
+    out = {}
+    for key, mask in batch.items():
+        if key.endswith("loss_mask"):
+            n_micro = mask.shape[0]
+            total = jnp.sum(mask[:, :, 1:].astype(jnp.float32))
+            out[key[: -len("loss_mask")] + "loss_normalizer"] = jnp.full((n_micro,), total / n_micro, jnp.float32)
+    return out
 
-    Batches already stacked (their ``tokens``-like arrays have 3 dims) are kept as they are.
-    """
-    seq_key = next((k for k in batch if k.endswith("tokens")), None)
-    stacked = seq_key is not None and np.ndim(batch[seq_key]) == 3
-    out = dict(batch) if stacked else _split_micro(batch, grad_accum)
-    return add_loss_normalizers(out)
 
-
-def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
-                    state_shardings: Any = None, batch_sharding: Any = None, donate: bool = True) -> Callable:
-    """``step(state, batch, aux) -> (state, metrics)``, jitted once for a given batch shape.
+def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *, state_shardings: Any = None,
+                    donate: bool = True, matmul_precision: str | None = None) -> Callable:
+    """``step(state, batch, aux, frozen) -> (state, metrics)``, jitted once per batch shape.
 
     batch: arrays stacked ``[n_micro, micro_batch, ...]``; the loss and gradients are the mean over micro-batches
-    (losses normalise token means globally through ``loss_normalizer``, see ``losses.add_loss_normalizers``).
+    (token means normalised over the whole step, see :func:`_loss_normalizers`). frozen: the weights cut out of
+    ``state.params`` (``optim.split_trainable``), or ``None``. ``metrics["grad_norm"]`` is the norm clipping used.
     """
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-
-    def step(state: TrainState, batch: Batch, aux: Any) -> tuple[TrainState, dict[str, jax.Array]]:
+    def step(state: TrainState, batch: Batch, aux: Any = None, frozen: Any = None) -> tuple[TrainState, dict[str, jax.Array]]:
         n_micro = jax.tree.leaves(batch)[0].shape[0]
-
-        def micro(carry, mb):
-            grads_acc, = carry
-            (loss, metrics), grads = grad_fn(state.params, mb, aux)
-            grads_acc = jax.tree.map(lambda a, g: a + g.astype(a.dtype), grads_acc, grads)
-            return (grads_acc,), metrics
-
-        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+        batch = {**batch, **_loss_normalizers(batch)}
         step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-        batch = {**batch, "dropout_rng": jax.random.key_data(jax.random.split(step_key, n_micro))}
-        (grads,), metrics = jax.lax.scan(micro, (zeros,), batch)
-        grads = jax.tree.map(lambda g, p: (g / n_micro).astype(p.dtype), grads, state.params)
+        batch["dropout_rng"] = jax.random.key_data(jax.random.split(step_key, n_micro))
+        grad_fn = jax.value_and_grad(lambda tr, mb: loss_fn(merge_params(tr, frozen), mb, aux), has_aux=True)
+
+        if n_micro == 1:
+            (_, metrics), grads = grad_fn(state.params, jax.tree.map(lambda x: x[0], batch))
+        else:
+            def micro(acc, mb):
+                (_, metrics), grads = grad_fn(state.params, mb)
+                return jax.tree.map(lambda a, g: a + g.astype(a.dtype), acc, grads), metrics
+
+            zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+            grads, metrics = jax.lax.scan(micro, zeros, batch)
+            grads = jax.tree.map(lambda g, p: (g / n_micro).astype(p.dtype), grads, state.params)
+            metrics = jax.tree.map(lambda m: jnp.mean(m.astype(jnp.float32)), metrics)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = jax.tree.map(lambda m: jnp.mean(m.astype(jnp.float32)), metrics)
-        metrics["grad_norm"] = optax.global_norm(grads)
+        metrics = {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
+        recorded = last_grad_norm(opt_state)
+        metrics["grad_norm"] = optax.global_norm(grads) if recorded is None else recorded
+        finite = jnp.isfinite(metrics["grad_norm"]) & jnp.isfinite(metrics.get("loss", 0.0))
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+        first_bad = jnp.where((state.nonfinite_step == 0) & ~finite, state.step + 1, state.nonfinite_step)
         new_rng = jax.random.key_data(jax.random.split(jax.random.wrap_key_data(state.rng))[0])
-        return state.replace(step=state.step + 1, params=params, opt_state=opt_state, rng=new_rng), metrics
+        return state.replace(step=state.step + 1, params=keep(params, state.params),
+                             opt_state=keep(opt_state, state.opt_state), rng=new_rng,
+                             nonfinite_step=first_bad), metrics
 
     kwargs: dict[str, Any] = {"donate_argnums": (0,) if donate else ()}
     if state_shardings is not None:
-        kwargs["in_shardings"] = (state_shardings, batch_sharding, None)
         kwargs["out_shardings"] = (state_shardings, None)
-    return jax.jit(step, **kwargs)
+    jitted = jax.jit(step, **kwargs)
+    if matmul_precision is None:
+        return jitted
+
+    def with_precision(*args: Any) -> Any:
+        with jax.default_matmul_precision(matmul_precision):
+            return jitted(*args)
+
+    with_precision.lower = lambda *a: _lower_with_precision(jitted, matmul_precision, *a)
+    return with_precision
 
 
+def _lower_with_precision(jitted: Any, precision: str, *args: Any) -> Any:
+    with jax.default_matmul_precision(precision):
+        return jitted.lower(*args)
+
+
+# ---------------------------------------------------------------------------------------------------- logging
 class MetricsLogger:
-    """Metrics to ``metrics.jsonl`` and TensorBoard event files in an output folder (either may be absent)."""
+    """Metrics to ``metrics.jsonl`` and TensorBoard event files in an output folder (either may be absent).
 
-    def __init__(self, out_dir: str | None, *, tensorboard: bool = True):
+    ``resume_step``: the step a resumed run continues after; rows logged past it by the interrupted run are dropped
+    from ``metrics.jsonl`` and purged from TensorBoard, so no step is ever logged twice.
+    """
+
+    def __init__(self, out_dir: str | None, *, tensorboard: bool = True, resume_step: int | None = None):
         self.path = None
         self.tb = None
-        if out_dir:
-            os.makedirs(out_dir, exist_ok=True)
-            self.path = os.path.join(out_dir, "metrics.jsonl")
-            if tensorboard:
-                try:
-                    from tensorboardX import SummaryWriter
+        if not out_dir or jax.process_index() != 0:
+            return
+        os.makedirs(out_dir, exist_ok=True)
+        self.path = os.path.join(out_dir, "metrics.jsonl")
+        if os.path.exists(self.path):
+            _truncate_jsonl(self.path, resume_step or 0)
+        if tensorboard:
+            try:
+                from tensorboardX import SummaryWriter
 
-                    self.tb = SummaryWriter(os.path.join(out_dir, "tensorboard"))
-                except ImportError:  # optional
-                    log.info("tensorboardX not installed: metrics go to metrics.jsonl only")
+                purge = None if resume_step is None else resume_step + 1
+                self.tb = SummaryWriter(os.path.join(out_dir, "tensorboard"), purge_step=purge)
+            except ImportError:  # optional
+                log.info("tensorboardX not installed: metrics go to metrics.jsonl only")
 
     def log(self, step: int, metrics: Mapping[str, Any], prefix: str = "train") -> None:
         row = {"step": step, **{f"{prefix}/{k}": float(v) for k, v in metrics.items()}}
@@ -154,54 +235,104 @@ class MetricsLogger:
             self.tb.close()
 
 
+def _truncate_jsonl(path: str, last_step: int) -> None:
+    """Keep the rows of ``path`` up to ``last_step`` (a torn last line is dropped); rewritten atomically."""
+    kept = []
+    with open(path) as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if int(row.get("step", 0)) <= last_step:
+                kept.append(line if line.endswith("\n") else line + "\n")
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(kept)
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------------- the loop
 def train(loss_fn: LossFn, optimizer: optax.GradientTransformation, params: Any, batches: Any, cfg: TrainConfig, *,
-          aux: Any = None, out_dir: str | None = None, eval_fn: Callable[[Any, int], Mapping[str, float]] | None = None,
-          mesh: jax.sharding.Mesh | None = None, model_config: Any = None, strategy: str = "auto",
-          state: TrainState | None = None) -> tuple[TrainState, list[dict[str, float]]]:
+          frozen: Any = None, aux: Any = None, out_dir: str | None = None,
+          eval_fn: Callable[[Any, int], Mapping[str, float]] | None = None, mesh: jax.sharding.Mesh | None = None,
+          model_config: Any = None, strategy: str = "auto", state: TrainState | None = None,
+          fingerprint: Mapping[str, Any] | None = None,
+          donate_params: bool = False) -> tuple[TrainState, list[dict[str, float]]]:
     """Run ``cfg.steps`` optimizer steps and return the final state and the logged metrics.
 
+    params: the trainable tree (``optim.split_trainable``; whole params when nothing is frozen) and ``frozen`` the
+    rest; ``state.params`` of the result is the trainable tree (``optim.merge_params`` gives the model).
     batches: an iterator of batch dicts (``[B, ...]`` split into ``cfg.grad_accum`` micro-batches, or already
     stacked); when it has ``state()`` / ``restore()`` (``data.batches.BatchIterator``) its position is checkpointed.
-    out_dir: where metrics, TensorBoard events and checkpoints go; an existing checkpoint there is resumed.
-    eval_fn(params, step) -> metrics, called every ``cfg.eval_every`` steps and at the end.
+    In a multi-process job each batch is this process's share of the rows (see ``BatchIterator(process_index=...)``).
+    out_dir: where metrics, TensorBoard events and checkpoints go; a checkpoint there is resumed when its
+    ``fingerprint`` (a JSON dict of the settings that define the run) matches, see ``TrainConfig.resume``.
+    eval_fn(params, step) -> metrics, called every ``cfg.eval_every`` steps and at the end, after the final save.
+    model_config: the ``LlamaConfig`` (token ids are checked against its vocabulary; shardings need it).
+    donate_params: let the first step reuse the memory of ``params`` (they are invalid afterwards) instead of
+    training on a copy.
     """
     from safety_jax.train.checkpoint import TrainCheckpointer
 
-    if state is None:  # the step donates its state: work on a copy so the caller's params stay valid
-        state = TrainState.create(jax.tree.map(jnp.array, params), optimizer, cfg.seed)
+    if mesh is None and jax.process_count() > 1:
+        raise ConfigError("a multi-process run needs a mesh (mesh: data=..,fsdp=..) to place its batches")
+    if state is None:
+        trainable = params if donate_params else jax.tree.map(jnp.array, params)
+        warn_low_precision_masters(trainable)
+        state = TrainState.create(trainable, optimizer, cfg.seed)
     state_sh = batch_axes = None
     if mesh is not None:
         from safety_jax.parallel import batch_sharding, tree_shardings_for
 
         state_sh = tree_shardings_for(state, model_config, mesh, strategy)
         state = jax.device_put(state, state_sh)
+        if frozen is not None:
+            frozen = jax.device_put(frozen, tree_shardings_for(frozen, model_config, mesh, strategy))
+        if aux is not None:
+            aux = jax.device_put(aux, tree_shardings_for(aux, model_config, mesh, strategy))
         batch_axes = batch_sharding(mesh, strategy, ndim=1).spec[0]
     ckpt = None
+    resume_step = None
+    fingerprint = run_fingerprint(cfg, fingerprint)
     if out_dir:
-        save_every = cfg.save_every or cfg.steps
-        ckpt = TrainCheckpointer(os.path.join(out_dir, "checkpoints"), save_every=save_every,
+        ckpt = TrainCheckpointer(os.path.join(out_dir, "checkpoints"), save_every=cfg.save_every or cfg.steps,
                                  max_to_keep=cfg.keep_checkpoints)
         if ckpt.latest_step() is not None:
-            state, meta = ckpt.restore(target_state=state)
-            if hasattr(batches, "restore") and meta.get("data") is not None:
-                batches.restore(meta["data"])
-            log.info("resumed from step %d", int(state.step))
-    step_fn = make_train_step(loss_fn, optimizer, state_shardings=state_sh)
-    logger = MetricsLogger(out_dir)
+            try:
+                state, data_pos = _resume(ckpt, state, fingerprint, cfg)
+            except BaseException:
+                ckpt.close()
+                raise
+            if hasattr(batches, "restore") and data_pos is not None:
+                batches.restore(data_pos)
+            resume_step = int(state.step)
+            log.info("resumed from step %d", resume_step)
+    step_fn = make_train_step(loss_fn, optimizer, state_shardings=state_sh, matmul_precision=cfg.matmul_precision)
+    logger = MetricsLogger(out_dir, resume_step=resume_step)
     history: list[dict[str, float]] = []
     it: Iterator = iter(batches)
     start = int(state.step)
     bar = _progress(cfg, start)
     window: list[dict[str, jax.Array]] = []
+    save_every = cfg.save_every or cfg.steps
     t0 = time.perf_counter()
     try:
         for step in range(start + 1, cfg.steps + 1):
             batch = stack_micro_batches(next(it), cfg.grad_accum)
+            if model_config is not None:
+                _check_token_ids(batch, model_config.vocab_size, step)
             if mesh is not None:
-                batch = _shard_stacked_batch(batch, mesh, batch_axes)
-            state, metrics = step_fn(state, batch, aux)
+                batch = _place_batch(batch, mesh, batch_axes)
+            state, metrics = step_fn(state, batch, aux, frozen)
             window.append(metrics)
-            if step % cfg.log_every == 0 or step == cfg.steps:  # the only host sync: every log_every steps
+            last = step == cfg.steps
+            due_log = step % cfg.log_every == 0 or last
+            due_save = ckpt is not None and (step % save_every == 0 or last)
+            due_eval = eval_fn is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or last)
+            if due_log or due_save or due_eval:
+                _raise_if_nonfinite(state, ckpt)
+            if due_log:  # the host syncs: logging, saving and evaluation steps only
                 host = {k: float(np.mean([float(m[k]) for m in window])) for k in window[0]}
                 host["steps_per_s"] = len(window) / (time.perf_counter() - t0)
                 window, t0 = [], time.perf_counter()
@@ -209,13 +340,13 @@ def train(loss_fn: LossFn, optimizer: optax.GradientTransformation, params: Any,
                 history.append({"step": step, **host})
                 if bar is not None:
                     bar.set_postfix({k: f"{host[k]:.4g}" for k in ("loss", "grad_norm") if k in host})
-            if eval_fn is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps):
-                ev = dict(eval_fn(state.params, step))
-                logger.log(step, ev, prefix="eval")
-                history.append({"step": step, **{f"eval/{k}": float(v) for k, v in ev.items()}})
             if ckpt is not None:
                 data_pos = batches.state() if hasattr(batches, "state") else None
-                ckpt.save(step, state, {"data": data_pos, "step": step}, force=step == cfg.steps)
+                ckpt.save(step, state, {"data": data_pos, "step": step, "fingerprint": fingerprint}, force=last)
+            if due_eval:
+                ev = dict(eval_fn(merge_params(state.params, frozen), step))
+                logger.log(step, ev, prefix="eval")
+                history.append({"step": step, **{f"eval/{k}": float(v) for k, v in ev.items()}})
             if bar is not None:
                 bar.update(1)
     finally:  # a crash still leaves every checkpoint already started complete on disk
@@ -227,29 +358,109 @@ def train(loss_fn: LossFn, optimizer: optax.GradientTransformation, params: Any,
     return state, history
 
 
-def _shard_stacked_batch(batch: Batch, mesh: jax.sharding.Mesh, batch_axes: Any) -> dict[str, jax.Array]:
-    """Place a ``[n_micro, B, ...]`` batch on the mesh, splitting B over the batch axes."""
-    _check_batch_divides(batch, mesh, batch_axes)
+def _resume(ckpt: Any, state: TrainState, fingerprint: dict[str, Any], cfg: TrainConfig) -> tuple[TrainState, Any]:
+    """Restore the newest checkpoint after checking that it was written by the same run."""
+    if cfg.resume == "never":
+        raise ConfigError(f"{ckpt.directory} already holds a checkpoint (step {ckpt.latest_step()}) and "
+                          "train.resume=never; choose another output folder or set train.resume=auto")
+    restored, meta = ckpt.restore(target_state=state)
+    saved = meta.get("fingerprint")
+    if cfg.resume != "force" and saved is not None and saved != fingerprint:
+        changed = fingerprint_diff(saved, fingerprint)
+        raise ConfigError(f"the checkpoint in {ckpt.directory} (step {int(restored.step)}) was written by a run "
+                          f"with other settings: {'; '.join(changed)}. Use another output folder, restore those "
+                          "settings, or set train.resume=force to continue it under the new ones")
+    if int(restored.nonfinite_step):
+        raise NonFiniteError(f"the checkpoint in {ckpt.directory} records a non-finite step "
+                             f"{int(restored.nonfinite_step)}")
+    return restored, meta.get("data")
+
+
+def run_fingerprint(cfg: TrainConfig, settings: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The JSON dict a checkpoint is stamped with: ``settings`` (the caller's description of the run: model, data,
+    loss, optimizer, ...) plus every ``TrainConfig`` field that changes the numbers (all but ``RESUMABLE_FIELDS``)."""
+    train_fields = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name not in RESUMABLE_FIELDS}
+    merged = {**dict(settings or {}), "train": {**dict((settings or {}).get("train", {})), **train_fields}}
+    for key in RESUMABLE_FIELDS:
+        merged["train"].pop(key, None)
+    return json.loads(json.dumps(merged, default=str))
+
+
+def fingerprint_diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    """``["optim.lr: 0.001 -> 0.0003", ...]`` for every dotted field that differs between two nested dicts."""
+    a, b = _flatten(old), _flatten(new)
+    return [f"{k}: {a.get(k, '<unset>')!r} -> {b.get(k, '<unset>')!r}" for k in sorted(set(a) | set(b))
+            if a.get(k, "<unset>") != b.get(k, "<unset>")]
+
+
+def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, Mapping) and v:
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
+    return out
+
+
+def _raise_if_nonfinite(state: TrainState, ckpt: Any) -> None:
+    bad = int(state.nonfinite_step)
+    if bad:
+        kept = ckpt.latest_step() if ckpt is not None else None
+        where = f"; the last checkpoint (step {kept}) holds the last finite params" if kept else ""
+        raise NonFiniteError(f"step {bad}: the loss or the gradient norm is not finite (the update was skipped and "
+                             f"training stopped{where}); lower optim.lr, set optim.clip_norm, or check the data")
+
+
+def _check_token_ids(batch: Batch, vocab_size: int, step: int) -> None:
+    for key, value in batch.items():
+        if key.endswith("tokens") and np.size(value):
+            lo, hi = int(np.min(value)), int(np.max(value))
+            if lo < 0 or hi >= vocab_size:
+                raise DataError(f"batch of step {step}: batch['{key}'] holds token id {hi if hi >= vocab_size else lo}"
+                                f" outside the model's vocabulary [0, {vocab_size}); use the model's own tokenizer "
+                                "(or resize its embeddings) and a pad id inside the vocabulary")
+
+
+def warn_low_precision_masters(params: Any) -> None:
+    """Log a warning when trainable params are stored in a 16-bit float dtype: updates smaller than half a unit in
+    the last place of a weight are rounded away (a bf16 weight of 0.02 ignores updates below ~6e-5)."""
+    low = [x for x in jax.tree.leaves(params) if hasattr(x, "dtype") and x.dtype in (jnp.bfloat16, jnp.float16)]
+    if not low:
+        return
+    dtype = low[0].dtype
+    typical = float(jnp.median(jnp.abs(max(low, key=lambda x: x.size).astype(jnp.float32))))
+    ulp = float(jnp.spacing(jnp.asarray(typical, dtype)).astype(jnp.float32)) if typical > 0 else 0.0
+    log.warning("training %s master weights (param_dtype=%s): an update smaller than %.2g — half the spacing of "
+                "%s at the typical weight magnitude %.3g — leaves a weight unchanged; keep param_dtype=float32 "
+                "(compute_dtype=bfloat16 keeps the matmuls fast)", jnp.dtype(dtype).name, jnp.dtype(dtype).name,
+                ulp / 2, jnp.dtype(dtype).name, typical)
+
+
+def _place_batch(batch: Batch, mesh: jax.sharding.Mesh, batch_axes: Any) -> dict[str, jax.Array]:
+    """Place a ``[n_micro, B_local, ...]`` batch on the mesh, rows split over the batch axes. Each process gives its
+    own rows (``jax.make_array_from_process_local_data``); single-process, the local rows are the batch."""
     P = jax.sharding.PartitionSpec
+    procs = jax.process_count()
+    micro = np.shape(next(v for k, v in batch.items() if k.endswith("tokens")))[1] * procs
+    axes = batch_axes if isinstance(batch_axes, tuple) else (batch_axes,) if batch_axes else ()
+    ways = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
+    if micro % ways:
+        raise ConfigError(f"micro-batch of {micro} rows cannot be split over the batch mesh axes {axes} ({ways} "
+                          f"ways): make batch_size / train.grad_accum a multiple of {ways}")
 
     def put(v: Any) -> jax.Array:
-        spec = P(None, batch_axes) if np.ndim(v) >= 2 else P()
-        return jax.device_put(v, jax.sharding.NamedSharding(mesh, spec))
+        v = np.asarray(v)
+        if v.ndim >= 2:
+            sharding = jax.sharding.NamedSharding(mesh, P(None, batch_axes))
+            return jax.make_array_from_process_local_data(sharding, v, (v.shape[0], v.shape[1] * procs, *v.shape[2:]))
+        return jax.make_array_from_process_local_data(jax.sharding.NamedSharding(mesh, P()), v, v.shape)
 
     return {k: put(v) for k, v in batch.items()}
 
 
-def _check_batch_divides(batch: Batch, mesh: jax.sharding.Mesh, batch_axes: Any) -> None:
-    axes = batch_axes if isinstance(batch_axes, tuple) else (batch_axes,) if batch_axes else ()
-    ways = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
-    micro = np.shape(next(v for k, v in batch.items() if k.endswith("tokens")))[1]
-    if micro % ways:
-        raise ValueError(f"micro-batch of {micro} rows cannot be split over the batch mesh axes {axes} ({ways} ways): "
-                         f"make batch_size / grad_accum a multiple of {ways}")
-
-
 def _progress(cfg: TrainConfig, start: int):
-    if not cfg.progress:
+    if not cfg.progress or jax.process_index() != 0:
         return None
     from tqdm.auto import tqdm
 
