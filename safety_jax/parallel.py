@@ -191,6 +191,13 @@ def param_shardings(config: LlamaConfig, mesh: Mesh, strategy: str = "auto") -> 
                         param_shapes(config), is_leaf=lambda x: isinstance(x, tuple))
 
 
+def param_sharding_fn(mesh: Mesh, strategy: str = "auto") -> Callable[[LlamaConfig], Params]:
+    """``config -> param_shardings(config, mesh, strategy)``: the ``shardings=`` argument of the model loaders
+    (``load_hf``, ``load_model``, ``restore_params``), which read the config from the folder first."""
+    rules_for(strategy, mesh)  # an unknown strategy fails here, not inside the loader
+    return lambda config: param_shardings(config, mesh, strategy)
+
+
 def _check_same_tree(params: Any, shardings: Any, what: str) -> None:
     got = {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]}
     want = {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(shardings)[0]}
@@ -327,5 +334,5 @@ def sharded_forward(config: LlamaConfig, mesh: Mesh, strategy: str = "auto", **f
 
 
 __all__ = ["LOGICAL_AXES", "MESH_AXES", "STRATEGY_RULES", "batch_sharding", "initialize_distributed",
-           "logical_to_spec", "make_mesh", "mesh_context", "param_shardings", "parse_mesh_spec", "rules_for",
-           "shard_batch", "shard_params", "sharded_forward", "tree_shardings_for"]
+           "logical_to_spec", "make_mesh", "mesh_context", "param_sharding_fn", "param_shardings", "parse_mesh_spec",
+           "rules_for", "shard_batch", "shard_params", "sharded_forward", "tree_shardings_for"]

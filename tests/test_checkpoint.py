@@ -1,4 +1,5 @@
-"""Orbax checkpoints: params round trips (onto a mesh too), mismatch errors, and the training checkpointer."""
+"""Orbax checkpoints: params round trips (onto a mesh too), orbax model folders, mismatch errors, and the training
+checkpointer."""
 
 from __future__ import annotations
 
@@ -13,8 +14,12 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from safety_jax import parallel
+from safety_jax.errors import CheckpointError
+from safety_jax.model import orbax_params
 from safety_jax.model.config import LlamaConfig
+from safety_jax.model.io import load_model, model_format, save_model
 from safety_jax.model.llama import param_shapes
+from safety_jax.train import checkpoint as train_checkpoint
 from safety_jax.train.checkpoint import (
     CheckpointMismatchError,
     TrainCheckpointer,
@@ -48,13 +53,13 @@ def test_params_round_trip_is_bit_identical_on_one_device_and_on_a_mesh(tmp_path
     assert sorted(os.listdir(tmp_path)) == ["plain", "sharded"]  # no temporary folders left behind
 
     assert_bit_identical(restore_params(tmp_path / "plain", CONFIG), params)
-    restored = restore_params(tmp_path / "sharded", CONFIG, mesh=mesh, strategy="fsdp_tp")
+    restored = restore_params(tmp_path / "sharded", CONFIG, shardings=parallel.param_sharding_fn(mesh, "fsdp_tp"))
     assert_bit_identical(restored, params)
     q = restored["layers"]["attn"]["q"]
     assert q.sharding.spec == P(None, "fsdp", "tensor", None) and q.addressable_shards[0].data.shape != q.shape
     # A checkpoint written from one layout restores onto another.
     other = parallel.make_mesh("fsdp=8")
-    on_fsdp = restore_params(tmp_path / "plain", CONFIG, mesh=other, strategy="fsdp")
+    on_fsdp = restore_params(tmp_path / "plain", CONFIG, shardings=parallel.param_shardings(CONFIG, other, "fsdp"))
     assert on_fsdp["embed"].sharding.spec == P(None, "fsdp")
     assert_bit_identical(on_fsdp, params)
 
@@ -145,3 +150,29 @@ def test_train_checkpointer_rejects_a_state_of_another_shape(tmp_path):
             ckpt.restore(target_state={"w": jnp.ones((4, 4)), "step": jnp.asarray(1)})
         raw, meta = ckpt.restore()
         assert meta == {"pos": 1} and raw["w"].shape == (4, 3)
+
+
+def test_orbax_model_folder_loads_onto_shardings_and_is_replaced_only_when_asked(tmp_path):
+    params = random_params(CONFIG)
+    folder = tmp_path / "model"
+    save_model(folder, CONFIG, params, fmt="orbax")
+    assert model_format(folder) == "orbax" and sorted(os.listdir(tmp_path)) == ["model"]
+    mesh = parallel.make_mesh("fsdp=4,tensor=2")
+    config, loaded = load_model(folder, shardings=parallel.param_sharding_fn(mesh, "fsdp_tp"))
+    assert config == CONFIG
+    assert loaded["layers"]["attn"]["q"].sharding.spec == P(None, "fsdp", "tensor", None)
+    assert_bit_identical(loaded, params)
+
+    with pytest.raises(FileExistsError, match=f"{folder}.*overwrite=True"):
+        save_model(folder, CONFIG, params, fmt="orbax")
+    newer = random_params(CONFIG, seed=1)
+    save_model(folder, CONFIG, newer, fmt="orbax", overwrite=True)
+    assert_bit_identical(load_model(folder)[1], newer)
+    assert sorted(os.listdir(tmp_path)) == ["model"]
+    with pytest.raises(TypeError, match="param_sharding_fn"):
+        load_model(folder, mesh=mesh, strategy="fsdp")
+
+
+def test_mismatch_errors_are_checkpoint_errors_and_value_errors():
+    assert issubclass(CheckpointMismatchError, CheckpointError) and issubclass(CheckpointError, ValueError)
+    assert train_checkpoint.restore_params is orbax_params.restore_params

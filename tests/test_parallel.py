@@ -160,7 +160,7 @@ def test_load_hf_places_params_on_the_mesh(model, tmp_path):
     params = model[0]
     save_hf(CONFIG, params, tmp_path / "hf")
     mesh = parallel.make_mesh("fsdp=4,tensor=2")
-    _, loaded = load_hf(tmp_path / "hf", mesh=mesh, strategy="fsdp_tp")
+    _, loaded = load_hf(tmp_path / "hf", shardings=parallel.param_sharding_fn(mesh, "fsdp_tp"))
     q = loaded["layers"]["attn"]["q"]
     assert q.sharding.spec == P(None, "fsdp", "tensor", None) and _is_split(q)
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), loaded, params)

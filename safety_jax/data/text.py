@@ -26,7 +26,7 @@ from typing import Any, Literal
 import datasets
 import numpy as np
 
-from safety_jax.model.config import ConfigError
+from safety_jax.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
 
@@ -59,10 +59,6 @@ PRESETS: dict[str, dict[str, Any]] = {
     "gsm8k": dict(path="openai/gsm8k", name="main", split="train", prompt_column="question",
                   completion_column="answer"),
 }
-
-
-class DataError(ValueError):
-    """A dataset does not match its DataConfig (missing or mistyped column, too few rows, ...)."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -14,11 +14,9 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from safety_jax.errors import ConfigError
+
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-
-
-class ConfigError(ValueError):
-    """A configuration value is missing, inconsistent or unsupported."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,18 +1,22 @@
 """Hugging Face checkpoint folders ⇄ safety-jax params.
 
-A small key table maps each HF tensor name to a params path plus the transform to the einsum layout; loading reads
-safetensors shards tensor by tensor (never a whole PyTorch model), fills the stacked per-layer arrays, and places each
-finished array on its sharding. Saving writes ``config.json`` plus (sharded) safetensors that
-``transformers.LlamaForCausalLM.from_pretrained`` reads.
+A key table maps each HF tensor name to a params path plus its layout: how the HF tensor's dims split and permute
+into ours. Loading checks every tensor's name and shape from the safetensors headers first, then builds each params
+array: with ``shardings``, through ``jax.make_array_from_callback``, each device's block read straight from its HF
+slices (so no process holds more than its own shards); without, whole on the default device. Saving writes
+``config.json`` plus (sharded) safetensors that ``transformers.LlamaForCausalLM.from_pretrained`` reads, streaming
+one tensor at a time; in a multi-process job each tensor is gathered and process 0 writes.
+
+Hugging Face folders are local: safetensors reads local files (use the orbax format for ``gs://`` paths).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
-import os
+import math
 import re
-import shutil
-import tempfile
+import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -20,73 +24,83 @@ from typing import Any
 import jax
 import ml_dtypes
 import numpy as np
+from etils import epath
+from jax.experimental import multihost_utils
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from safety_jax.model.config import ConfigError, LlamaConfig
+from safety_jax.errors import CheckpointError, ConfigError
+from safety_jax.model.config import LlamaConfig
 from safety_jax.model.llama import Params, param_shapes
+from safety_jax.model.storage import (
+    PathLike,
+    Shardings,
+    check_destination,
+    is_main_process,
+    local_path,
+    read_config,
+    resolve_shardings,
+    save_tokenizer,
+    staging_path,
+    swap_in,
+    write_json,
+)
 
-
-class CheckpointError(ValueError):
-    """A checkpoint does not match its config or the Llama architecture."""
+Groups = tuple[tuple[int, ...], ...]
+Index = tuple[slice, ...]
 
 
 @dataclass(frozen=True)
 class KeyRule:
-    """One HF tensor family: regex on the HF name, params path, and the HF→ours / ours→HF transforms."""
+    """One HF tensor family: regex on the HF name, params path, and layout.
+
+    ``split(config)`` gives, per HF dim, the sizes it splits into; ours is the split HF tensor transposed by
+    ``perm`` (``ours = hf.reshape(flat(split)).transpose(perm)``). Per-layer rules fill one slot of a stacked
+    ``[layers, ...]`` array.
+    """
 
     pattern: str
     path: str
-    to_ours: Callable[[np.ndarray, LlamaConfig], np.ndarray]
-    to_hf: Callable[[np.ndarray, LlamaConfig], np.ndarray]
+    split: Callable[[LlamaConfig], Groups]
+    perm: tuple[int, ...]
     per_layer: bool = True
 
+    def hf_shape(self, c: LlamaConfig) -> tuple[int, ...]:
+        return tuple(math.prod(g) for g in self.split(c))
 
-def _same(w, c):
-    return w
+    def to_ours(self, w: np.ndarray, c: LlamaConfig) -> np.ndarray:
+        return np.ascontiguousarray(w.reshape([s for g in self.split(c) for s in g]).transpose(self.perm))
 
-
-def _t(w, c):
-    return np.ascontiguousarray(w.T)
-
-
-def _qkv_in(n_attr):
-    def f(w, c):  # [heads*H, D] -> [D, heads, H]
-        return np.ascontiguousarray(w.T).reshape(c.hidden_size, getattr(c, n_attr), c.head_dim)
-    return f
+    def to_hf(self, w: np.ndarray, c: LlamaConfig) -> np.ndarray:
+        return np.ascontiguousarray(w.transpose(np.argsort(self.perm)).reshape(self.hf_shape(c)))
 
 
-def _qkv_out(w, c):  # [D, heads, H] -> [heads*H, D]
-    return np.ascontiguousarray(w.reshape(w.shape[0], -1).T)
+def _dims(*names: str) -> Callable[[LlamaConfig], Groups]:
+    """HF dims named by config fields; ``"a*b"`` is one HF dim that splits into two of ours."""
+    return lambda c: tuple(tuple(getattr(c, f) for f in n.split("*")) for n in names)
 
 
-def _o_in(w, c):  # [D, N*H] -> [N, H, D]
-    return np.ascontiguousarray(w.T).reshape(c.num_attention_heads, c.head_dim, c.hidden_size)
-
-
-def _o_out(w, c):  # [N, H, D] -> [D, N*H]
-    return np.ascontiguousarray(w.reshape(-1, w.shape[-1]).T)
-
-
+_ID1, _ID2, _T = (0,), (0, 1), (1, 0)
+_V, _D, _F = "vocab_size", "hidden_size", "intermediate_size"
+_NH, _KH = "num_attention_heads*head_dim", "num_key_value_heads*head_dim"
+_LAYER = r"model\.layers\.(\d+)\."
 KEY_TABLE: tuple[KeyRule, ...] = (
-    KeyRule(r"model\.embed_tokens\.weight", "embed", _same, _same, per_layer=False),
-    KeyRule(r"model\.norm\.weight", "final_norm", _same, _same, per_layer=False),
-    KeyRule(r"lm_head\.weight", "lm_head", _t, _t, per_layer=False),
-    KeyRule(r"model\.layers\.(\d+)\.input_layernorm\.weight", "layers.attn_norm", _same, _same),
-    KeyRule(r"model\.layers\.(\d+)\.post_attention_layernorm\.weight", "layers.mlp_norm", _same, _same),
-    KeyRule(r"model\.layers\.(\d+)\.self_attn\.q_proj\.weight", "layers.attn.q", _qkv_in("num_attention_heads"),
-            _qkv_out),
-    KeyRule(r"model\.layers\.(\d+)\.self_attn\.k_proj\.weight", "layers.attn.k", _qkv_in("num_key_value_heads"),
-            _qkv_out),
-    KeyRule(r"model\.layers\.(\d+)\.self_attn\.v_proj\.weight", "layers.attn.v", _qkv_in("num_key_value_heads"),
-            _qkv_out),
-    KeyRule(r"model\.layers\.(\d+)\.self_attn\.o_proj\.weight", "layers.attn.o", _o_in, _o_out),
-    KeyRule(r"model\.layers\.(\d+)\.mlp\.gate_proj\.weight", "layers.mlp.gate", _t, _t),
-    KeyRule(r"model\.layers\.(\d+)\.mlp\.up_proj\.weight", "layers.mlp.up", _t, _t),
-    KeyRule(r"model\.layers\.(\d+)\.mlp\.down_proj\.weight", "layers.mlp.down", _t, _t),
+    KeyRule(r"model\.embed_tokens\.weight", "embed", _dims(_V, _D), _ID2, per_layer=False),
+    KeyRule(r"model\.norm\.weight", "final_norm", _dims(_D), _ID1, per_layer=False),
+    KeyRule(r"lm_head\.weight", "lm_head", _dims(_V, _D), _T, per_layer=False),
+    KeyRule(_LAYER + r"input_layernorm\.weight", "layers.attn_norm", _dims(_D), _ID1),
+    KeyRule(_LAYER + r"post_attention_layernorm\.weight", "layers.mlp_norm", _dims(_D), _ID1),
+    KeyRule(_LAYER + r"self_attn\.q_proj\.weight", "layers.attn.q", _dims(_NH, _D), (2, 0, 1)),  # [D, N, H]
+    KeyRule(_LAYER + r"self_attn\.k_proj\.weight", "layers.attn.k", _dims(_KH, _D), (2, 0, 1)),
+    KeyRule(_LAYER + r"self_attn\.v_proj\.weight", "layers.attn.v", _dims(_KH, _D), (2, 0, 1)),
+    KeyRule(_LAYER + r"self_attn\.o_proj\.weight", "layers.attn.o", _dims(_D, _NH), (1, 2, 0)),  # [N, H, D]
+    KeyRule(_LAYER + r"mlp\.gate_proj\.weight", "layers.mlp.gate", _dims(_F, _D), _T),
+    KeyRule(_LAYER + r"mlp\.up_proj\.weight", "layers.mlp.up", _dims(_F, _D), _T),
+    KeyRule(_LAYER + r"mlp\.down_proj\.weight", "layers.mlp.down", _dims(_D, _F), _T),
 )
 _COMPILED = [(re.compile(r.pattern + r"$"), r) for r in KEY_TABLE]
 _IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
+_ST_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64"}
 
 
 def _hf_name(rule: KeyRule, layer: int | None) -> str:
@@ -107,19 +121,18 @@ def _put(tree: dict, dotted: str, value: Any) -> None:
     tree[parts[-1]] = value
 
 
+def _rules(config: LlamaConfig) -> Iterator[KeyRule]:
+    """The rules a checkpoint of this config uses (no ``lm_head`` when the embeddings are tied)."""
+    return (r for r in KEY_TABLE if not (r.path == "lm_head" and config.tie_word_embeddings))
+
+
+def _layers(rule: KeyRule, config: LlamaConfig) -> range | list[None]:
+    return range(config.num_hidden_layers) if rule.per_layer else [None]
+
+
 def expected_hf_tensors(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
     """Every tensor name a Llama checkpoint of this config must hold, with its HF shape."""
-    shapes = param_shapes(config)
-    out: dict[str, tuple[int, ...]] = {}
-    for rule in KEY_TABLE:
-        if rule.path == "lm_head" and config.tie_word_embeddings:
-            continue
-        ours = _get(shapes, rule.path)
-        dummy_shape = ours.shape[1:] if rule.per_layer else ours.shape
-        hf_shape = rule.to_hf(np.empty(dummy_shape, np.int8), config).shape
-        for layer in (range(config.num_hidden_layers) if rule.per_layer else [None]):
-            out[_hf_name(rule, layer)] = tuple(hf_shape)
-    return out
+    return {_hf_name(rule, layer): rule.hf_shape(config) for rule in _rules(config) for layer in _layers(rule, config)}
 
 
 def _match(name: str) -> tuple[KeyRule, int | None] | None:
@@ -130,71 +143,44 @@ def _match(name: str) -> tuple[KeyRule, int | None] | None:
     return None
 
 
-def _index_files(path: str) -> dict[str, str]:
+# ---------------------------------------------------------------------------------------------------- reading
+def _index_files(path: epath.Path) -> dict[str, str]:
     """tensor name -> safetensors file, from the index or the single file."""
-    index = os.path.join(path, "model.safetensors.index.json")
-    single = os.path.join(path, "model.safetensors")
-    if os.path.exists(index):
-        with open(index) as f:
-            weight_map = json.load(f)["weight_map"]
-        return {k: os.path.join(path, v) for k, v in weight_map.items()}
-    if os.path.exists(single):
-        with safe_open(single, framework="numpy") as f:
-            return {k: single for k in f.keys()}
-    if any(n.endswith((".bin", ".pt", ".pth")) for n in os.listdir(path)):
+    index, single = path / "model.safetensors.index.json", path / "model.safetensors"
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return {k: str(path / v) for k, v in weight_map.items()}
+    if single.exists():
+        with safe_open(str(single), framework="numpy") as f:
+            return {k: str(single) for k in f.keys()}
+    if not path.is_dir():
+        raise FileNotFoundError(f"model folder {path} does not exist")
+    if any(p.name.endswith((".bin", ".pt", ".pth")) for p in path.iterdir()):
         raise CheckpointError(f"{path} holds only PyTorch pickle weights; safety-jax loads safetensors only. Convert "
                               "them once with transformers (`save_pretrained(..., safe_serialization=True)`).")
     raise CheckpointError(f"no model.safetensors or model.safetensors.index.json in {path}")
 
 
-def iter_hf_tensors(path: str) -> Iterator[tuple[str, np.ndarray]]:
+def iter_hf_tensors(path: PathLike) -> Iterator[tuple[str, np.ndarray]]:
     """Yield (name, array) for every tensor of a checkpoint folder, one at a time (bf16 comes back as ml_dtypes)."""
-    files = _index_files(path)
     by_file: dict[str, list[str]] = {}
-    for name, fname in files.items():
+    for name, fname in _index_files(local_path(path, "a Hugging Face folder")).items():
         by_file.setdefault(fname, []).append(name)
     for fname, names in by_file.items():
-        with safe_open(fname, framework="flax") as f:
+        with safe_open(fname, framework="numpy") as f:
             for name in sorted(names):
-                yield name, np.asarray(f.get_tensor(name))
+                yield name, f.get_tensor(name)
 
 
-def load_hf(path: str | os.PathLike, *, dtype: str | None = None, mesh: jax.sharding.Mesh | None = None,
-            strategy: str = "fsdp", config: LlamaConfig | None = None) -> tuple[LlamaConfig, Params]:
-    """Load a local HF Llama folder into ``(config, params)``.
-
-    dtype: parameter dtype (``float32``/``bfloat16``; default: keep float32). mesh: place each array straight onto
-    its sharding under ``strategy``'s logical-axis rules (see ``safety_jax.parallel``).
-    """
-    path = os.fspath(path)
-    if config is None:
-        config = LlamaConfig.from_hf_file(path)
-    if dtype is not None:
-        config = config.replace(param_dtype=dtype)
+def _check_tensors(path: epath.Path, config: LlamaConfig, shapes: dict[str, tuple[int, ...]]) -> None:
+    """Raise :class:`CheckpointError` naming the tensor when the folder's tensors do not match ``config``."""
     expected = expected_hf_tensors(config)
-    shapes = param_shapes(config)
-    shardings = None
-    if mesh is not None:
-        from safety_jax.parallel import param_shardings
-        shardings = param_shardings(config, mesh, strategy)
-    target_dtype = np.dtype(ml_dtypes.bfloat16) if config.param_dtype == "bfloat16" else np.dtype(config.param_dtype)
-    buffers: dict[str, np.ndarray] = {}
-    filled: dict[str, set[int]] = {}
-    seen: set[str] = set()
-    params: Params = {}
-
-    def finish(rule_path: str) -> None:
-        arr = buffers.pop(rule_path)
-        sharding = _get(shardings, rule_path) if shardings is not None else None
-        _put(params, rule_path, jax.device_put(arr, sharding) if sharding is not None else jax.numpy.asarray(arr))
-
-    for name, tensor in iter_hf_tensors(path):
+    seen = set()
+    for name, shape in shapes.items():
         if _IGNORED.match(name):
             continue
         hit = _match(name)
         if hit is None:
-            if name == "lm_head.weight" and config.tie_word_embeddings:
-                continue
             raise CheckpointError(f"checkpoint tensor '{name}' is not part of a Llama model; is this a Llama "
                                   "checkpoint?")
         rule, layer = hit
@@ -203,96 +189,250 @@ def load_hf(path: str | os.PathLike, *, dtype: str | None = None, mesh: jax.shar
         if layer is not None and layer >= config.num_hidden_layers:
             raise CheckpointError(f"checkpoint tensor '{name}': layer {layer} but config.json has "
                                   f"num_hidden_layers={config.num_hidden_layers}")
-        if tuple(tensor.shape) != expected[name]:
-            raise CheckpointError(f"checkpoint tensor '{name}' has shape {tuple(tensor.shape)}, config.json implies "
+        if shape != expected[name]:
+            raise CheckpointError(f"checkpoint tensor '{name}' has shape {shape}, config.json implies "
                                   f"{expected[name]}; the checkpoint does not match its config")
         seen.add(name)
-        ours = rule.to_ours(tensor.astype(np.float32) if tensor.dtype != target_dtype else tensor, config)
-        ours = ours.astype(target_dtype)
-        full = _get(shapes, rule.path).shape
-        if rule.per_layer:
-            buf = buffers.get(rule.path)
-            if buf is None:
-                buf = buffers[rule.path] = np.empty(full, target_dtype)
-            buf[layer] = ours
-            done = filled.setdefault(rule.path, set())
-            done.add(layer)
-            if len(done) == config.num_hidden_layers:
-                finish(rule.path)
-        else:
-            buffers[rule.path] = ours
-            finish(rule.path)
     missing = sorted(set(expected) - seen)
     if missing:
         more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
         raise CheckpointError(f"checkpoint at {path} is missing tensor(s) {missing[:5]}{more}")
+
+
+def _read_slice(handle: Any, name: str, index: Index) -> np.ndarray:
+    """``handle.get_slice(name)[index]``: only that block of the tensor is read from the file."""
+    return handle.get_slice(name)[index]
+
+
+def _pieces(group: tuple[int, ...], slices: list[slice]) -> list[tuple[slice, tuple[int, ...]]]:
+    """(HF slice, its shape split like ``group``) reads that cover ``slices`` of the split dims of one HF dim."""
+    if len(group) == 1:
+        s = slices[0]
+        return [(s, (s.stop - s.start,))]
+    if len(group) != 2:
+        raise NotImplementedError(f"an HF dim split into {len(group)} dims")
+    (sa, sb), inner = slices, group[1]
+    if (sb.start, sb.stop) == (0, inner):  # whole inner dim: one contiguous run
+        return [(slice(sa.start * inner, sa.stop * inner), (sa.stop - sa.start, inner))]
+    return [(slice(a * inner + sb.start, a * inner + sb.stop), (1, sb.stop - sb.start))
+            for a in range(sa.start, sa.stop)]
+
+
+def _read_block(read: Callable[[Index], np.ndarray], groups: Groups, perm: tuple[int, ...], index: Index
+                ) -> np.ndarray:
+    """Our block ``index`` of one HF tensor (laid out by ``groups``/``perm``), read as HF slices no larger than it."""
+    split: list[slice] = [slice(0)] * len(perm)
+    for i, s in enumerate(index):
+        split[perm[i]] = s
+    per_dim, axes, k = [], [], 0
+    for g in groups:
+        per_dim.append(_pieces(g, split[k:k + len(g)]))
+        axes.append(k)
+        k += len(g)
+
+    def build(j: int, chosen: tuple[tuple[slice, tuple[int, ...]], ...]) -> np.ndarray:
+        if j == len(per_dim):
+            return read(tuple(s for s, _ in chosen)).reshape([n for _, shape in chosen for n in shape])
+        parts = [build(j + 1, (*chosen, piece)) for piece in per_dim[j]]
+        return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=axes[j])
+
+    return build(0, ()).transpose(perm)
+
+
+def _cast(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    return x if x.dtype == dtype else x.astype(np.float32).astype(dtype)
+
+
+def _leaf_block(rule: KeyRule, config: LlamaConfig, shape: tuple[int, ...], index: Index, dtype: np.dtype,
+                handle_of: Callable[[str], Any]) -> np.ndarray:
+    """Block ``index`` (of the params leaf of ``rule``, shape ``shape``) read from the checkpoint, in ``dtype``."""
+    index = tuple(slice(*s.indices(n)) for s, n in zip(tuple(index) + (slice(None),) * len(shape), shape))
+    groups = rule.split(config)
+
+    def one(layer: int | None, sub: Index) -> np.ndarray:
+        name = _hf_name(rule, layer)
+        handle = handle_of(name)
+        return np.ascontiguousarray(_cast(_read_block(lambda i: _read_slice(handle, name, i), groups, rule.perm, sub),
+                                          dtype))
+
+    if rule.per_layer:
+        return np.stack([one(layer, index[1:]) for layer in range(*index[0].indices(shape[0]))])
+    return one(None, index)
+
+
+def load_hf(path: PathLike, *, dtype: str | None = None, shardings: Shardings = None,
+            config: LlamaConfig | None = None) -> tuple[LlamaConfig, Params]:
+    """Load a local HF Llama folder into ``(config, params)``.
+
+    dtype: parameter dtype (``float32``/``bfloat16``; default: keep float32). shardings: where each array goes, a
+    params-shaped pytree of ``jax.sharding.Sharding`` or a function ``config -> pytree`` (e.g.
+    ``safety_jax.parallel.param_sharding_fn(mesh, strategy)``); each device's block is read straight from the files.
+    Without it, the arrays land on the default device. config: use this instead of the folder's ``config.json``.
+    """
+    folder = local_path(path, "a Hugging Face folder")
+    if config is None:
+        config = read_config(folder)
+    if dtype is not None:
+        config = config.replace(param_dtype=dtype)
+    files = _index_files(folder)
+    target = np.dtype(ml_dtypes.bfloat16) if config.param_dtype == "bfloat16" else np.dtype(config.param_dtype)
+    shardings_tree = resolve_shardings(shardings, config)
+    shapes = param_shapes(config)
+    params: Params = {}
+    with contextlib.ExitStack() as stack:
+        handles = {f: stack.enter_context(safe_open(f, framework="numpy")) for f in sorted(set(files.values()))}
+        _check_tensors(folder, config, {n: tuple(handles[f].get_slice(n).get_shape()) for n, f in files.items()})
+
+        def handle_of(name: str) -> Any:
+            return handles[files[name]]
+
+        for rule in _rules(config):
+            shape = tuple(_get(shapes, rule.path).shape)
+            reads: dict[tuple, np.ndarray] = {}  # devices holding the same block (replicas) share one read
+
+            def block(index: Index, rule: KeyRule = rule, shape: tuple[int, ...] = shape,
+                      reads: dict[tuple, np.ndarray] = reads) -> np.ndarray:
+                key = tuple((s.start, s.stop) for s in index)
+                if key not in reads:
+                    reads[key] = _leaf_block(rule, config, shape, index, target, handle_of)
+                return reads[key]
+
+            sharding = _get(shardings_tree, rule.path) if shardings_tree is not None else None
+            if sharding is None:
+                arr = jax.numpy.asarray(block(()))
+            else:
+                arr = jax.make_array_from_callback(shape, sharding, block)
+            _put(params, rule.path, arr)
     return config, params
-
-
-def params_to_hf_tensors(config: LlamaConfig, params: Params) -> Iterator[tuple[str, np.ndarray]]:
-    """Yield (HF name, numpy array) for every tensor, in the HF layout and the params' dtype."""
-    for rule in KEY_TABLE:
-        if rule.path == "lm_head" and config.tie_word_embeddings:
-            continue
-        arr = np.asarray(jax.device_get(_get(params, rule.path)))
-        if rule.per_layer:
-            for layer in range(config.num_hidden_layers):
-                yield _hf_name(rule, layer), rule.to_hf(arr[layer], config)
-        else:
-            yield _hf_name(rule, None), rule.to_hf(arr, config)
 
 
 def params_from_hf_state_dict(config: LlamaConfig, state: dict[str, np.ndarray]) -> Params:
     """Params from an in-memory mapping HF name -> array (tests and small conversions)."""
+    import tempfile
+
     with tempfile.TemporaryDirectory() as tmp:
-        save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, os.path.join(tmp, "model.safetensors"))
-        with open(os.path.join(tmp, "config.json"), "w") as f:
-            json.dump(config.to_hf_dict(), f)
+        save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, f"{tmp}/model.safetensors")
         return load_hf(tmp, config=config)[1]
 
 
-def save_hf(config: LlamaConfig, params: Params, path: str | os.PathLike, *, max_shard_bytes: int = 2 << 30,
-            tokenizer: Any = None) -> None:
+# ---------------------------------------------------------------------------------------------------- writing
+def _is_local(x: Any) -> bool:
+    """Whether all of ``x`` is on this process's devices (or on the host)."""
+    return not isinstance(x, jax.Array) or x.is_fully_addressable
+
+
+def _host(x: Any) -> np.ndarray:
+    """``x`` as one numpy array on this host, gathered from every process when it is not all addressable here."""
+    if _is_local(x):
+        return np.asarray(jax.device_get(x))
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+@jax.jit
+def _layer(x: jax.Array, i: jax.Array) -> jax.Array:
+    return jax.lax.dynamic_index_in_dim(x, i, 0, keepdims=False)
+
+
+def params_to_hf_tensors(config: LlamaConfig, params: Params) -> Iterator[tuple[str, np.ndarray]]:
+    """Yield (HF name, numpy array) for every tensor, in the HF layout and the params' dtype.
+
+    A leaf not all on this process is gathered one layer at a time (every process must iterate in step).
+    """
+    for rule in _rules(config):
+        leaf = _get(params, rule.path)
+        whole = _is_local(leaf)
+        arr = _host(leaf) if whole else None
+        for layer in _layers(rule, config):
+            if layer is None:
+                part = arr if whole else _host(leaf)
+            else:
+                part = arr[layer] if whole else _host(_layer(leaf, np.int32(layer)))
+            yield _hf_name(rule, layer), rule.to_hf(part, config)
+
+
+def _plan_files(config: LlamaConfig, params: Params, max_shard_bytes: int
+                ) -> list[list[tuple[str, tuple[int, ...], np.dtype]]]:
+    """The tensors of each safetensors file, in :func:`params_to_hf_tensors` order."""
+    files: list[list[tuple[str, tuple[int, ...], np.dtype]]] = [[]]
+    size = 0
+    for rule in _rules(config):
+        dtype = np.dtype(_get(params, rule.path).dtype)
+        shape = rule.hf_shape(config)
+        nbytes = math.prod(shape) * dtype.itemsize
+        for layer in _layers(rule, config):
+            if size and size + nbytes > max_shard_bytes:
+                files.append([])
+                size = 0
+            files[-1].append((_hf_name(rule, layer), shape, dtype))
+            size += nbytes
+    return files
+
+
+def _header(specs: list[tuple[str, tuple[int, ...], np.dtype]]) -> bytes:
+    """A safetensors header (length prefix included) for tensors written back to back in ``specs`` order."""
+    meta: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, shape, dtype in specs:
+        if dtype.name not in _ST_DTYPES:
+            raise CheckpointError(f"tensor '{name}' has dtype {dtype.name}; safetensors export supports "
+                                  f"{sorted(_ST_DTYPES)}: cast the params first")
+        end = offset + math.prod(shape) * dtype.itemsize
+        meta[name] = {"dtype": _ST_DTYPES[dtype.name], "shape": list(shape), "data_offsets": [offset, end]}
+        offset = end
+    raw = json.dumps(meta, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def save_hf(config: LlamaConfig, params: Params, path: PathLike, *, max_shard_bytes: int = 2 << 30,
+            tokenizer: Any = None, overwrite: bool = False) -> None:
     """Write an HF Llama folder (config.json + safetensors, sharded with an index above ``max_shard_bytes``).
 
-    The folder is written next to its destination and renamed into place, so a crash never leaves half a checkpoint.
+    The folder is written beside its destination and renamed into place, so a crash never leaves half a checkpoint.
+    An existing destination must be empty, or a model folder replaced with ``overwrite=True`` (the old one is
+    removed only once the new one is in place). Multi-process: every process calls it; arrays are gathered tensor
+    by tensor and process 0 writes.
     """
-    path = os.fspath(path)
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
+    dest = local_path(path, "a Hugging Face folder")
+    check_destination(dest, overwrite)
+    main = is_main_process()
+    tmp = staging_path(dest)
+    if main:
+        if tmp.exists():
+            tmp.rmtree()
+        tmp.mkdir(parents=True)
     try:
-        with open(os.path.join(tmp, "config.json"), "w") as f:
-            json.dump(config.to_hf_dict(), f, indent=2)
-        shards: list[dict[str, np.ndarray]] = [{}]
-        size = 0
-        for name, arr in params_to_hf_tensors(config, params):
-            if size and size + arr.nbytes > max_shard_bytes:
-                shards.append({})
-                size = 0
-            shards[-1][name] = arr
-            size += arr.nbytes
-        meta = {"format": "pt"}
-        if len(shards) == 1:
-            save_file(shards[0], os.path.join(tmp, "model.safetensors"), metadata=meta)
-        else:
-            weight_map = {}
-            for i, shard in enumerate(shards):
-                fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-                save_file(shard, os.path.join(tmp, fname), metadata=meta)
-                weight_map.update({k: fname for k in shard})
-            total = sum(a.nbytes for s in shards for a in s.values())
-            with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
-                json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        if os.path.exists(path):
-            shutil.rmtree(path)
-        os.replace(tmp, path)
+        plan = _plan_files(config, params, max_shard_bytes)
+        names = (["model.safetensors"] if len(plan) == 1 else
+                 [f"model-{i + 1:05d}-of-{len(plan):05d}.safetensors" for i in range(len(plan))])
+        tensors = params_to_hf_tensors(config, params)
+        for fname, specs in zip(names, plan):
+            with (tmp / fname).open("wb") if main else contextlib.nullcontext() as f:
+                if main:
+                    f.write(_header(specs))
+                for name, shape, dtype in specs:
+                    got, arr = next(tensors)
+                    if (got, arr.shape, arr.dtype) != (name, shape, dtype):
+                        raise CheckpointError(f"tensor '{got}' is {arr.shape} {arr.dtype}, expected '{name}' "
+                                              f"{shape} {dtype}")
+                    if main:
+                        f.write(np.ascontiguousarray(arr).reshape(-1).view(np.uint8).data)
+        if main:
+            write_json(tmp / "config.json", config.to_hf_dict())
+            if len(plan) > 1:
+                weight_map = {name: fname for fname, specs in zip(names, plan) for name, _, _ in specs}
+                total = sum(math.prod(s) * d.itemsize for specs in plan for _, s, d in specs)
+                write_json(tmp / "model.safetensors.index.json",
+                           {"metadata": {"total_size": total}, "weight_map": weight_map})
+            if tokenizer is not None:
+                save_tokenizer(tokenizer, tmp)
+            swap_in(tmp, dest)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if main and tmp.exists():
+            tmp.rmtree()
         raise
+    multihost_utils.sync_global_devices("safety_jax.save_hf")
 
 
-__all__ = ["CheckpointError", "ConfigError", "KEY_TABLE", "expected_hf_tensors", "iter_hf_tensors", "load_hf",
-           "params_from_hf_state_dict", "params_to_hf_tensors", "save_hf"]
+__all__ = ["CheckpointError", "ConfigError", "KEY_TABLE", "KeyRule", "expected_hf_tensors", "iter_hf_tensors",
+           "load_hf", "params_from_hf_state_dict", "params_to_hf_tensors", "save_hf"]
