@@ -36,9 +36,12 @@ def _inputs(config, left_pad: bool, seed: int = 0):
     return tokens, mask, positions
 
 
+@pytest.mark.parametrize("impl", ["xla", "blockwise"])  # the default attention, and the flash-style one
 @pytest.mark.parametrize("left_pad", [False, True])
-def test_logits_and_hidden_states_match_transformers(pair, left_pad):
+def test_logits_and_hidden_states_match_transformers(pair, left_pad, impl):
     style, model, config, params = pair
+    assert config.attention_impl == "xla"
+    config = config.replace(attention_impl=impl)
     tokens, mask, positions = _inputs(config, left_pad)
     ref_logits, ref_hidden = hf_forward(model, tokens, mask, positions)
     logits, cap = forward(params, jnp.asarray(tokens), config, attention_mask=jnp.asarray(mask),
@@ -170,6 +173,8 @@ def test_config_validation_errors_name_the_field():
     with pytest.raises(ConfigError, match="model_type"):
         LlamaConfig.from_hf_dict({"model_type": "mistral", "vocab_size": 10, "hidden_size": 8,
                                   "intermediate_size": 8, "num_hidden_layers": 1, "num_attention_heads": 2})
+    with pytest.raises(ConfigError, match="attention_impl"):
+        LlamaConfig(attention_impl="flash")
     with pytest.raises(ValueError, match="attention_mask"):
         config = get_preset("tiny")
         forward(init_params(config, jax.random.key(0)), jnp.ones((2, 4), jnp.int32), config,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -106,23 +107,45 @@ def _loss(name, **kwargs):
 
 
 # ---------------------------------------------------------------------------------------------------- log-probs
-def test_sequence_logps_matches_numpy_on_random_logits():
+def test_token_logps_match_numpy_on_random_logits():
     rng = np.random.default_rng(0)
     logits = rng.normal(0, 3, (4, 9, 50)).astype(np.float32)
     tokens = rng.integers(0, 50, (4, 9))
     mask = rng.integers(0, 2, (4, 9))
-    sums, counts = jax.jit(L.sequence_logps)(logits, tokens, mask)
-    ref_sums, ref_counts = np_seq_logps(logits, tokens, mask)
-    np.testing.assert_allclose(np.asarray(sums), ref_sums, rtol=1e-6, atol=1e-6)
-    np.testing.assert_array_equal(np.asarray(counts), ref_counts)
     tok = np.asarray(jax.jit(L.token_logps)(logits, tokens))
     assert np.all(tok[:, 0] == 0) and tok.shape == tokens.shape
+    ref_sums, _ = np_seq_logps(logits, tokens, mask)
+    np.testing.assert_allclose((tok * np.asarray(L.target_mask(mask))).sum(-1), ref_sums, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("chunk", [4, 8, 10**6])
+def test_sequence_logps_matches_numpy_on_random_hidden_states(chunk):
+    """Random hidden states through a random head in chunks over 4 rows (4: one position each; 8: two, the 9
+    positions padded to 10) or in one piece, against float64 numpy on the full logits."""
+    rng = np.random.default_rng(0)
+    hidden = rng.normal(0, 1, (4, 9, 16)).astype(np.float32)
+    head = {"lm_head": rng.normal(0, 1, (16, 50)).astype(np.float32)}
+    config = CONFIG.replace(vocab_size=50, hidden_size=16, num_attention_heads=2, num_key_value_heads=1)
+    tokens = rng.integers(0, 50, (4, 9))
+    mask = rng.integers(0, 2, (4, 9))
+    out = jax.jit(functools.partial(L.sequence_logps, config=config, chunk=chunk))(head, hidden, tokens, mask)
+    logits = hidden.astype(np.float64) @ head["lm_head"]
+    ref_sums, ref_counts = np_seq_logps(logits, tokens, mask)
+    m = np.asarray(mask, np.float64)[:, 1:]
+    np.testing.assert_allclose(np.asarray(out.logps), ref_sums, rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(out.counts), ref_counts)
+    np.testing.assert_allclose(np.asarray(out.logit_sums), (logits[:, :-1].mean(-1) * m).sum(-1), rtol=1e-6,
+                               atol=1e-6)
+    hits = (logits[:, :-1].argmax(-1) == np.asarray(tokens)[:, 1:]) * m
+    np.testing.assert_array_equal(np.asarray(out.hits), hits.sum(-1))
 
 
 def test_sequence_logps_ignores_position_zero_of_the_mask():
-    logits = jnp.zeros((1, 3, 4))
-    sums, counts = jax.jit(L.sequence_logps)(logits, np.array([[1, 2, 3]]), np.array([[1, 1, 1]]))
-    assert float(counts[0]) == 2 and math.isclose(float(sums[0]), 2 * math.log(0.25), rel_tol=1e-6)
+    config = CONFIG.replace(vocab_size=4)
+    head = {"lm_head": jnp.zeros((CONFIG.hidden_size, 4))}
+    out = L.sequence_logps(head, jnp.zeros((1, 3, CONFIG.hidden_size)), np.array([[1, 2, 3]]),
+                           np.array([[1, 1, 1]]), config)
+    assert float(out.counts[0]) == 2 and math.isclose(float(out.logps[0]), 2 * math.log(0.25), rel_tol=1e-6)
 
 
 @pytest.mark.parametrize("style", ["llama2", "llama3"])
@@ -384,8 +407,9 @@ def test_logps_npo_and_rmu_gradients_match_finite_differences():
         tokens, mask = rng.integers(0, 5, (2, 4)), np.array([[0, 1, 1, 1], [0, 0, 1, 1]])
 
         def f_logps(v):
-            s, n = L.sequence_logps(jnp.asarray(v), tokens, mask)
-            return jnp.sum(s * jnp.arange(1.0, 3.0)) / jnp.sum(n)
+            m = L.target_mask(mask)
+            s = jnp.sum(L.token_logps(jnp.asarray(v), tokens) * m, axis=-1)
+            return jnp.sum(s * jnp.arange(1.0, 3.0)) / jnp.sum(m)
 
         np.testing.assert_allclose(np.asarray(jax.grad(f_logps)(logits)),
                                    _central_difference(f_logps, logits, 1e-6), rtol=1e-6,
@@ -417,3 +441,101 @@ def test_sft_loss_directional_derivative_matches_fp32_central_difference(models,
     shift = lambda s: jax.tree.map(lambda p, d: p + np.float32(s * h) * d, p0, direction)
     numeric = (float(f(shift(1.0))) - float(f(shift(-1.0)))) / (2 * h)
     assert abs(analytic - numeric) <= 1e-2 * abs(analytic) + 1e-4, (analytic, numeric)
+
+
+# ---------------------------------------------------------------------------------------------------- chunked head
+CHUNK_T = 13  # prime, so no chunk of whole positions divides it
+
+
+def _rel(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["untied", "tied"])
+def chunk_setup(request):
+    """Config, policy / reference params and batches (T = 13) for the chunked-vs-full comparisons."""
+    config = CONFIG.replace(tie_word_embeddings=request.param)
+    rng = np.random.default_rng(11)
+    sft = {**_group(rng, 4, CHUNK_T, pad_tail=3), **_group(rng, 4, CHUNK_T, "retain_", prompt=2)}
+    pair = {**_group(rng, 4, CHUNK_T, "chosen_"), **_group(rng, 4, CHUNK_T - 2, "rejected_", prompt=3, pad_tail=2)}
+    return config, np_params(config, 2), np_params(config, 3), sft, pair
+
+
+def _metric_scale(key: str, metrics: dict, logit_scale: float) -> float:
+    """The size of the terms a metric is a near-cancelling difference of (0 for the others): rewards and log ratios
+    are differences of log-probs (times β ≤ 0.1 here), mean logits are means of logits of either sign."""
+    if key.startswith("rewards/") and key != "rewards/accuracies":
+        return 0.1 * max(abs(float(metrics["logps/chosen"])), abs(float(metrics["logps/rejected"])))
+    if key == "forget_log_ratio":
+        return abs(float(metrics["forget_nll"]))
+    return logit_scale if key.startswith("logits/") else 0.0
+
+
+def test_chunked_logps_and_metrics_equal_the_full_logits(chunk_setup):
+    """sequence_logps in chunks of 8 tokens over 4 rows (2 positions: 7 chunks, 13 -> 14 positions) equals
+    token_logps / masked_mean_logits / argmax on forward's full [B, T, V] logits."""
+    config, policy, _, batch, _ = chunk_setup
+    tokens, mask, attn = batch["tokens"], batch["loss_mask"], batch["attention_mask"]
+    assert CHUNK_T % (8 // tokens.shape[0])
+    logits = jax.jit(lambda p: forward(p, tokens, config, attention_mask=attn))(policy)
+    hidden = jax.jit(lambda p: forward(p, tokens, config, attention_mask=attn, return_hidden=True))(policy)
+    assert hidden.shape == (*tokens.shape, config.hidden_size)
+    m = np.asarray(L.target_mask(mask))
+    for chunk in (8, 10**6):
+        out = jax.jit(functools.partial(L.sequence_logps, config=config, chunk=chunk))(policy, hidden, tokens, mask)
+        assert _rel(out.logps, (np.asarray(L.token_logps(logits, tokens)) * m).sum(-1)) <= 1e-6, chunk
+        assert _rel(np.sum(out.logit_sums) / np.sum(out.counts), L.masked_mean_logits(logits, mask)) <= 1e-6, chunk
+        hits = (np.asarray(jnp.argmax(logits[:, :-1], -1)) == tokens[:, 1:]) * m[:, 1:]
+        np.testing.assert_array_equal(np.asarray(out.hits), hits.sum(-1))
+
+
+def _value_and_grad(name, config, chunk, **kw):
+    loss_fn = L.make_loss(name, config, logits_chunk=chunk, **kw)
+    return jax.jit(jax.value_and_grad(lambda p, b, a: loss_fn(p, b, a), has_aux=True))
+
+
+@pytest.mark.parametrize("name,kw,data", [
+    ("sft", {}, "sft"), ("gradient_difference", {"retain_weight": 0.5}, "sft"), ("dpo", {"beta": BETA}, "pair"),
+    ("synthetic_dpo", {}, "pair"), ("npo", {"beta": BETA, "retain_weight": 0.5}, "sft"),
+    ("synthetic_unlearning", {}, "pair")])
+def test_losses_in_chunks_equal_the_full_logits_value_and_gradient(chunk_setup, name, kw, data):
+    """Each loss with a 12-token chunk (over 4 or 8 rows: 3 or 1 positions, T = 13 padded) against one chunk of
+    all B·T tokens (the full [B, T, V] logits): value, metrics and every gradient leaf within 1e-6 relative (a
+    metric that is a difference of near-equal terms: relative to those terms, see ``_metric_scale``)."""
+    config, policy, ref, sft, pair = chunk_setup
+    batch = sft if data == "sft" else pair
+    aux = {"ref_params": ref}
+    (loss, metrics), grads = _value_and_grad(name, config, 12, **kw)(policy, batch, aux)
+    (full_loss, full_metrics), full_grads = _value_and_grad(name, config, 10**6, **kw)(policy, batch, aux)
+    assert _rel(loss, full_loss) <= 1e-6
+    logits = forward(policy, pair["chosen_tokens"], config, attention_mask=pair["chosen_attention_mask"])
+    logit_scale = float(jnp.mean(jnp.abs(logits)))
+    for key, value in full_metrics.items():
+        scale = max(abs(float(value)), _metric_scale(key, full_metrics, logit_scale))
+        assert abs(float(metrics[key]) - float(value)) <= 1e-6 * scale, key
+    for path, g in jax.tree_util.tree_leaves_with_path(full_grads):
+        mine = functools.reduce(lambda t, k: t[k.key], path, grads)
+        assert _rel(mine, g) <= 1e-6, (name, jax.tree_util.keystr(path))
+
+
+def _f32_buffer_sizes(hlo: str) -> list[int]:
+    return [math.prod(int(d) for d in dims.split(",")) for dims in re.findall(r"f32\[([\d,]+)\]", hlo)]
+
+
+def test_sft_step_holds_no_full_logits_buffer():
+    """The compiled value_and_grad of SFT (V = 4096, B·T = 128) with 32-token chunks has no float32 buffer as large
+    as [B, T, V]; with one chunk it does (the check can see such a buffer)."""
+    config = CONFIG.replace(vocab_size=4096)
+    params = np_params(config, 4)
+    rng = np.random.default_rng(5)
+    batch = _group(rng, 2, 64, pad_tail=5)
+    b, t = batch["tokens"].shape
+
+    def largest(chunk: int) -> int:
+        loss_fn = L.make_sft_loss(config, logits_chunk=chunk)
+        step = jax.jit(jax.value_and_grad(lambda p: loss_fn(p, batch)[0]))
+        return max(_f32_buffer_sizes(step.lower(params).compile().as_text()))
+
+    assert largest(32) < b * t * config.vocab_size
+    assert largest(b * t) >= b * t * config.vocab_size

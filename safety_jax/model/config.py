@@ -14,6 +14,8 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from safety_jax.model.attention import ATTENTION_IMPLS
+
 from safety_jax.errors import ConfigError
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -55,6 +57,7 @@ class LlamaConfig:
     pad_token_id: int | None = None
     param_dtype: str = "float32"
     compute_dtype: str = "float32"
+    attention_impl: str = "xla"  # safety_jax.model.attention.ATTENTION_IMPLS; a runtime choice, not saved to HF
 
     def __post_init__(self) -> None:
         if self.head_dim is None:
@@ -84,6 +87,8 @@ class LlamaConfig:
         for name in ("param_dtype", "compute_dtype"):
             if getattr(self, name) not in DTYPES:
                 raise ConfigError(f"LlamaConfig.{name}={getattr(self, name)!r}; choose one of {sorted(DTYPES)}")
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ConfigError(f"LlamaConfig.attention_impl={self.attention_impl!r}; choose one of {ATTENTION_IMPLS}")
 
     # ------------------------------------------------------------------ derived
     @property

@@ -13,20 +13,22 @@ v=vocab)::
     lm_head          [D, V]          (absent when tie_word_embeddings)
 
 Numerics follow ``transformers``' LlamaForCausalLM: rotate-half RoPE (with Llama-3 frequency scaling), RMSNorm and
-softmax in float32, matmuls in ``config.compute_dtype``.
+softmax in float32, matmuls in ``config.compute_dtype``. ``config.attention_impl`` picks the attention kernel
+(``safety_jax.model.attention``).
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from safety_jax.model.attention import attention
 from safety_jax.model.config import LlamaConfig
 from safety_jax.model.interventions import Intervention, apply_interventions
 
@@ -58,6 +60,13 @@ LAYER_WEIGHTS: dict[str, tuple[str, ...]] = {
     "mlp.down": ("mlp", "embed"),
 }
 LINEAR_MODULES = ("attn.q", "attn.k", "attn.v", "attn.o", "mlp.gate", "mlp.up", "mlp.down")
+
+# ``remat=`` names: what each decoder block keeps for the backward pass (the rest is recomputed).
+#   none           everything (no rematerialisation)
+#   dots_saveable  the weight matmul outputs (jax's dots_with_no_batch_dims_saveable: attention's batched
+#                  score/value dots are recomputed, so no [B, N, T, S] buffer is kept per layer)
+#   full           only the block input
+REMAT_POLICIES = ("none", "dots_saveable", "full")
 
 
 def layer_weight_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
@@ -180,19 +189,25 @@ def _linear(x: jax.Array, w: jax.Array, eq: str, lora_m: dict | None, lora_scale
     return y
 
 
-def _attention(q: jax.Array, k: jax.Array, v: jax.Array, q_slots: jax.Array, kv_valid: jax.Array) -> jax.Array:
-    """Causal grouped-query attention. q: [B, T, N, H]; k, v: [B, S, K, H]; q_slots: [T] slot index of each query
-    (key slot s is visible to query t when s <= q_slots[t] and kv_valid[b, s]); returns [B, T, N, H]."""
-    b, t, n, h = q.shape
-    kv = k.shape[2]
-    qg = q.reshape(b, t, kv, n // kv, h)
-    scores = jnp.einsum("btkgh,bskh->bkgts", qg, k, preferred_element_type=jnp.float32) / math.sqrt(h)
-    s_idx = jnp.arange(k.shape[1])
-    visible = (s_idx[None, :] <= q_slots[:, None])[None] & kv_valid[:, None, :].astype(bool)  # [B, T, S]
-    scores = jnp.where(visible[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskh->btkgh", probs, v)
-    return out.reshape(b, t, n, h)
+def remat_policy(remat: bool | str) -> Callable[..., bool] | None:
+    """The ``jax.checkpoint`` policy of a ``remat`` name (``True``/``False`` = "full"/"none"); None = no remat."""
+    name = ("full" if remat else "none") if isinstance(remat, bool) else remat
+    if name == "none":
+        return None
+    if name == "dots_saveable":
+        return jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+    if name == "full":
+        return jax.checkpoint_policies.nothing_saveable
+    raise ValueError(f"remat={remat!r}; choose one of {REMAT_POLICIES} (or True / False for 'full' / 'none')")
+
+
+def logits_from_hidden(params: Params, hidden: jax.Array, config: LlamaConfig) -> jax.Array:
+    """Float32 logits [..., V] of final normed hidden states [..., D]: the ``lm_head`` (or tied ``embed``) matmul in
+    the compute dtype with float32 accumulation."""
+    x = hidden.astype(config.dtype)
+    if config.tie_word_embeddings:
+        return jnp.einsum("...d,vd->...v", x, params["embed"].astype(x.dtype), preferred_element_type=jnp.float32)
+    return jnp.einsum("...d,dv->...v", x, params["lm_head"].astype(x.dtype), preferred_element_type=jnp.float32)
 
 
 def _gather_positions(x: jax.Array, idx: jax.Array | None) -> jax.Array:
@@ -206,7 +221,7 @@ def _gather_positions(x: jax.Array, idx: jax.Array | None) -> jax.Array:
 def _decoder(params: Params, tokens: jax.Array, config: LlamaConfig, *, positions: jax.Array,
              kv_valid: jax.Array, q_slots: jax.Array, cache: dict | None, capture: Sequence[str],
              capture_positions: jax.Array | None, interventions: Sequence[Intervention], lora: Params | None,
-             lora_scale: float, remat: bool, input_embeds: jax.Array | None, lora_dropout: float = 0.0,
+             lora_scale: float, remat: bool | str, input_embeds: jax.Array | None, lora_dropout: float = 0.0,
              dropout_rng: jax.Array | None = None):
     dtype = config.dtype
     if input_embeds is not None:
@@ -249,7 +264,7 @@ def _decoder(params: Params, tokens: jax.Array, config: LlamaConfig, *, position
             v_all = jax.lax.dynamic_update_slice_in_dim(layer_cache["v"], v.astype(layer_cache["v"].dtype), start, 1)
             new_cache = {"k": k_all, "v": v_all}
             k, v = k_all.astype(dtype), v_all.astype(dtype)
-        attn = _attention(q, k, v, q_slots, kv_valid)
+        attn = attention(q, k, v, q_slots, kv_valid, impl=config.attention_impl)
         keep("attn_hidden", attn)
         attn_out = _linear(attn, w["attn"]["o"], "btnh,nhd->btd", la.get("o"), lora_scale, drop(3))
         attn_out = apply_interventions(attn_out, ivp, "attn_out")
@@ -271,8 +286,9 @@ def _decoder(params: Params, tokens: jax.Array, config: LlamaConfig, *, position
         keep("resid_post", x)
         return x, (caps, new_cache)
 
-    if remat:
-        block = jax.checkpoint(block, policy=jax.checkpoint_policies.nothing_saveable)
+    policy = remat_policy(remat)
+    if policy is not None:
+        block = jax.checkpoint(block, policy=policy)
 
     per_layer_iv = tuple({"direction": iv.direction, "coeff": iv.coeff, "layers": iv.layers} for iv in iv_static)
     xs: dict[str, Any] = {"w": params["layers"], "lora": lora_layers, "iv": per_layer_iv, "cache": None, "rng": None}
@@ -283,12 +299,7 @@ def _decoder(params: Params, tokens: jax.Array, config: LlamaConfig, *, position
         xs["cache"] = {"k": cache["k"], "v": cache["v"],
                        "index": jnp.broadcast_to(cache["index"], (n_layers,))}
     x, (captured, new_kv) = jax.lax.scan(block, x, xs)
-    x = rms_norm(x, params["final_norm"], eps)
-    if config.tie_word_embeddings:
-        logits = jnp.einsum("btd,vd->btv", x, params["embed"].astype(dtype), preferred_element_type=jnp.float32)
-    else:
-        logits = jnp.einsum("btd,dv->btv", x, params["lm_head"].astype(dtype), preferred_element_type=jnp.float32)
-    return logits.astype(jnp.float32), captured, new_kv
+    return rms_norm(x, params["final_norm"], eps), captured, new_kv
 
 
 def default_positions(attention_mask: jax.Array | None, batch: int, length: int) -> jax.Array:
@@ -313,8 +324,9 @@ def _check_inputs(tokens: jax.Array, config: LlamaConfig, attention_mask, positi
 def forward(params: Params, tokens: jax.Array, config: LlamaConfig, *, attention_mask: jax.Array | None = None,
             positions: jax.Array | None = None, capture: Sequence[str] | str | None = None,
             capture_positions: jax.Array | None = None, interventions: Sequence[Intervention] = (),
-            lora: Params | None = None, lora_scale: float = 1.0, remat: bool = False,
-            input_embeds: jax.Array | None = None, lora_dropout: float = 0.0, dropout_rng: jax.Array | None = None):
+            lora: Params | None = None, lora_scale: float = 1.0, remat: bool | str = False,
+            input_embeds: jax.Array | None = None, lora_dropout: float = 0.0, dropout_rng: jax.Array | None = None,
+            return_hidden: bool = False):
     """Run the decoder on ``tokens: [B, T]``.
 
     attention_mask: [B, T], 1 for real tokens, 0 for padding (left or right). positions: [B, T] RoPE positions
@@ -323,8 +335,11 @@ def forward(params: Params, tokens: jax.Array, config: LlamaConfig, *, attention
     interventions: :class:`Intervention` edits of the stream. lora: adapter pytree (see ``safety_jax.model.lora``).
     input_embeds: [B, T, D] to replace the token embeddings (soft-token attacks, gradients w.r.t. embeddings).
     lora_dropout / dropout_rng: dropout on the adapters' inputs during training (off without an rng).
+    remat: a name from ``REMAT_POLICIES`` (``True`` / ``False`` = "full" / "none").
+    return_hidden: return the final normed hidden states [B, T, D] (compute dtype) instead of the logits, for
+    losses that apply the head chunk by chunk (:func:`logits_from_hidden`).
 
-    Returns float32 logits [B, T, V], or ``(logits, captured)`` when ``capture`` is given.
+    Returns float32 logits [B, T, V] (or the hidden states), paired with ``captured`` when ``capture`` is given.
     """
     if isinstance(capture, str):
         capture = (capture,)
@@ -334,12 +349,13 @@ def forward(params: Params, tokens: jax.Array, config: LlamaConfig, *, attention
     if positions is None:
         positions = default_positions(attention_mask, b, t)
     kv_valid = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
-    logits, captured, _ = _decoder(
+    hidden, captured, _ = _decoder(
         params, tokens, config, positions=positions, kv_valid=kv_valid, q_slots=jnp.arange(t), cache=None,
         capture=capture, capture_positions=capture_positions, interventions=tuple(interventions), lora=lora,
         lora_scale=lora_scale, remat=remat, input_embeds=input_embeds, lora_dropout=lora_dropout,
         dropout_rng=dropout_rng)
-    return (logits, captured) if capture else logits
+    out = hidden if return_hidden else logits_from_hidden(params, hidden, config)
+    return (out, captured) if capture else out
 
 
 def init_cache(config: LlamaConfig, batch: int, max_len: int, dtype: Any = None) -> dict[str, jax.Array]:
@@ -362,11 +378,12 @@ def forward_cached(params: Params, tokens: jax.Array, config: LlamaConfig, cache
     index = cache["index"]
     new_mask = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
     kv_valid = jax.lax.dynamic_update_slice_in_dim(cache["mask"], new_mask, index, 1)
-    logits, _, new_kv = _decoder(
+    hidden, _, new_kv = _decoder(
         params, tokens, config, positions=positions, kv_valid=kv_valid, q_slots=index + jnp.arange(t),
         cache=cache, capture=(), capture_positions=None, interventions=tuple(interventions), lora=lora,
         lora_scale=lora_scale, remat=False, input_embeds=None)
-    return logits, {"k": new_kv["k"], "v": new_kv["v"], "mask": kv_valid, "index": index + t}
+    new_cache = {"k": new_kv["k"], "v": new_kv["v"], "mask": kv_valid, "index": index + t}
+    return logits_from_hidden(params, hidden, config), new_cache
 
 
 # ---------------------------------------------------------------------------------------------------- helpers

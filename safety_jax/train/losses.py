@@ -21,19 +21,24 @@ that the average over micro-batches is ``Σ NLL / Σ tokens`` (TRL/HF's fix for 
 
 LoRA: when ``params`` carries adapters under ``"lora"`` (``safety_jax.model.lora.combine``), pass the factory
 ``lora_cfg`` for the scale.
+
+Memory: no loss materialises the [B, T, V] float32 logits. The model returns its final hidden states and
+:func:`sequence_logps` applies the head ``logits_chunk`` tokens at a time inside a checkpointed ``lax.map``, so the
+backward recomputes each chunk's logits instead of storing them. ``remat`` (every factory) is a name from
+``safety_jax.model.llama.REMAT_POLICIES`` (``True`` / ``False`` = ``"full"`` / ``"none"``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from safety_jax.model.config import LlamaConfig
-from safety_jax.model.llama import Params, forward
+from safety_jax.model.llama import Params, forward, logits_from_hidden
 from safety_jax.model.lora import LoraConfig, split
 
 Batch = Mapping[str, Any]
@@ -42,6 +47,9 @@ LossFn = Callable[[Params, Batch, Mapping[str, Any] | None], tuple[jax.Array, Me
 
 DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo")
 LENGTH_NORMS = ("none", "tokens", "full")
+# Tokens per head chunk: 1024 × 128256 (Llama-3) × 4 B ≈ 525 MB of float32 logits at a time (counted over the
+# global batch, so each data-parallel device holds its share).
+LOGITS_CHUNK = 1024
 
 
 # ---------------------------------------------------------------------------------------------------- log-probs
@@ -50,15 +58,24 @@ def _at_least_f32(x: Any) -> jax.Array:
     return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
 
+def _logit_stats(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """One read of logits [..., V] against targets [...]: the target log-prob, the mean logit over the vocabulary
+    and the argmax hit (1.0 / 0.0), each [...] in (at least) float32; the last two carry no gradient."""
+    logits = _at_least_f32(logits)
+    target = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    lp = target - jax.nn.logsumexp(logits, axis=-1)
+    mean = jax.lax.stop_gradient(jnp.mean(logits, axis=-1))
+    hit = jax.lax.stop_gradient((jnp.argmax(logits, axis=-1) == targets).astype(lp.dtype))
+    return lp, mean, hit
+
+
 def token_logps(logits: jax.Array, tokens: jax.Array) -> jax.Array:
     """``out[b, t] = log softmax(logits[b, t-1])[tokens[b, t]]`` in (at least) float32, ``out[:, 0] = 0``: aligned
-    with tokens.
+    with tokens. For callers holding full logits; the losses use :func:`sequence_logps`.
 
     logits: [B, T, V]; tokens: [B, T] -> [B, T].
     """
-    logits = _at_least_f32(logits[:, :-1])
-    target = jnp.take_along_axis(logits, tokens[:, 1:, None].astype(jnp.int32), axis=-1)[..., 0]
-    lp = target - jax.nn.logsumexp(logits, axis=-1)
+    lp, _, _ = _logit_stats(logits[:, :-1], tokens[:, 1:])
     return jnp.pad(lp, ((0, 0), (1, 0)))
 
 
@@ -67,17 +84,56 @@ def target_mask(loss_mask: jax.Array) -> jax.Array:
     return jnp.asarray(loss_mask, jnp.float32).at[:, 0].set(0.0)
 
 
-def sequence_logps(logits: jax.Array, tokens: jax.Array, loss_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """``(Σ_t mask[t]·log p(tokens[t] | tokens[<t]), Σ_t mask[t])`` per sequence: two [B] float32 arrays."""
+class SequenceLogps(NamedTuple):
+    """Per-sequence sums over the target tokens (:func:`target_mask` weights ``m``), each [B] float32."""
+
+    logps: jax.Array       # Σ_t m_t · log p(tokens[t] | tokens[<t])
+    counts: jax.Array      # Σ_t m_t
+    logit_sums: jax.Array  # Σ_t m_t · mean_v logits[t-1, v]   (no gradient)
+    hits: jax.Array        # Σ_t m_t · [argmax_v logits[t-1, v] = tokens[t]]   (no gradient)
+
+
+def sequence_logps(params: Params, hidden: jax.Array, tokens: jax.Array, loss_mask: jax.Array,
+                   config: LlamaConfig, *, chunk: int = LOGITS_CHUNK) -> SequenceLogps:
+    """Target log-probs, the mean logit and the argmax hits of every sequence in one pass over the head, ``chunk``
+    tokens (about ``B × chunk // B``, whole rows of a sequence slice so batch sharding is kept) at a time.
+
+    params: base params holding ``lm_head`` (or the tied ``embed``); hidden: [B, T, D] final normed hidden states
+    (``forward(..., return_hidden=True)``); tokens, loss_mask: [B, T]. Each chunk's logits are recomputed in the
+    backward, so at most one chunk of [B, ·, V] float32 logits is alive at a time.
+    """
+    b, t = tokens.shape
+    d = hidden.shape[-1]
+    n = -(-t // max(1, chunk // b))  # the fewest chunks of at most max(1, chunk // B) positions
+    tc = -(-t // n)                  # spread evenly: less than n padded positions in all
+    # Position t predicts tokens[t + 1]; the last position predicts nothing (target 0, weight 0).
+    targets = jnp.pad(tokens[:, 1:], ((0, 0), (0, n * tc - t + 1)))
+    h = jnp.pad(hidden, ((0, 0), (0, n * tc - t), (0, 0)))
+    h = h.reshape(b, n, tc, d).swapaxes(0, 1)
+    targets = targets.reshape(b, n, tc).swapaxes(0, 1)
+
+    @jax.checkpoint
+    def one_chunk(xs: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array, jax.Array]:
+        hc, yc = xs
+        return _logit_stats(logits_from_hidden(params, hc, config), yc)
+
+    stats = jax.lax.map(one_chunk, (h, targets))  # each [n, B, tc]
+    lp, mean, hit = (jnp.pad(x.swapaxes(0, 1).reshape(b, n * tc)[:, : t - 1], ((0, 0), (1, 0))) for x in stats)
     m = target_mask(loss_mask)
-    return jnp.sum(token_logps(logits, tokens) * m, axis=-1), jnp.sum(m, axis=-1)
+    return SequenceLogps(jnp.sum(lp * m, axis=-1), jnp.sum(m, axis=-1), jnp.sum(mean * m, axis=-1),
+                         jnp.sum(hit * m, axis=-1))
 
 
 def masked_mean_logits(logits: jax.Array, loss_mask: jax.Array) -> jax.Array:
-    """Mean logit over the vocabulary and the positions that predict a target token (TRL's ``logits/chosen``)."""
+    """Mean logit over the vocabulary and the positions that predict a target token (TRL's ``logits/chosen``), for
+    callers holding full logits [B, T, V]; the losses get it from :func:`sequence_logps`."""
     m = target_mask(loss_mask)[:, 1:]
     per_pos = jnp.mean(_at_least_f32(logits[:, :-1]), axis=-1)
     return jnp.sum(per_pos * m) / jnp.maximum(jnp.sum(m), 1.0)
+
+
+def _ratio(num: jax.Array, den: jax.Array) -> jax.Array:
+    return jnp.sum(num) / jnp.maximum(jnp.sum(den), 1.0)
 
 
 def example_mean(x: jax.Array, batch: Batch) -> jax.Array:
@@ -111,8 +167,14 @@ def _group_inputs(batch: Batch, prefix: str) -> tuple[jax.Array, jax.Array | Non
     return batch[prefix + "tokens"], batch.get(prefix + "attention_mask"), batch.get(prefix + "positions")
 
 
-def _logits(params: Params, tokens, attention_mask, positions, config: LlamaConfig, lora_cfg: LoraConfig | None,
-            remat: bool, **kw) -> Any:
+def _check_chunk(logits_chunk: int) -> None:
+    if isinstance(logits_chunk, bool) or not isinstance(logits_chunk, int) or logits_chunk < 1:
+        raise ValueError(f"logits_chunk={logits_chunk!r} must be a positive integer (tokens per head chunk)")
+
+
+def _hidden(params: Params, tokens, attention_mask, positions, config: LlamaConfig, lora_cfg: LoraConfig | None,
+            remat: bool | str, **kw) -> Any:
+    """``forward(..., return_hidden=True)`` of the base params with their adapters: [B, T, D] (and captures)."""
     base, lora = split(params)
     if lora is not None and lora_cfg is None:
         raise ValueError("params carry LoRA adapters: build the loss with lora_cfg=LoraConfig(...) for the scale")
@@ -120,7 +182,16 @@ def _logits(params: Params, tokens, attention_mask, positions, config: LlamaConf
     rng = kw.pop("dropout_rng", None)
     dropout = lora_cfg.dropout if (lora is not None and rng is not None) else 0.0
     return forward(base, tokens, config, attention_mask=attention_mask, positions=positions, lora=lora,
-                   lora_scale=scale, remat=remat, lora_dropout=dropout, dropout_rng=rng if dropout else None, **kw)
+                   lora_scale=scale, remat=remat, lora_dropout=dropout, dropout_rng=rng if dropout else None,
+                   return_hidden=True, **kw)
+
+
+def _group_logps(params: Params, tokens, loss_mask, attention_mask, positions, config: LlamaConfig,
+                 lora_cfg: LoraConfig | None, remat: bool | str, chunk: int,
+                 dropout_rng: jax.Array | None = None) -> SequenceLogps:
+    """:func:`sequence_logps` of one group through the model (adapters included)."""
+    hidden = _hidden(params, tokens, attention_mask, positions, config, lora_cfg, remat, dropout_rng=dropout_rng)
+    return sequence_logps(split(params)[0], hidden, tokens, loss_mask, config, chunk=chunk)
 
 
 def _pair_inputs(batch: Batch, a: str, b: str) -> tuple[jax.Array, jax.Array, Any, Any]:
@@ -150,45 +221,48 @@ def _missing_ref(key: str) -> ValueError:
 
 
 # ---------------------------------------------------------------------------------------------------- SFT and GA / GD
-def _token_nll(params: Params, batch: Batch, prefix: str, config, lora_cfg, remat) -> tuple[jax.Array, Metrics]:
+def _token_nll(params: Params, batch: Batch, prefix: str, config, lora_cfg, remat,
+               chunk: int) -> tuple[jax.Array, Metrics]:
     """Summed completion NLL / normaliser (``{p}loss_normalizer`` or this batch's target-token count)."""
     tokens, attn, pos = _group_inputs(batch, prefix)
-    logits = _logits(params, tokens, attn, pos, config, lora_cfg, remat, dropout_rng=batch.get("dropout_rng"))
-    m = target_mask(batch[prefix + "loss_mask"])
-    nll = -jnp.sum(token_logps(logits, tokens) * m)
-    count = jnp.sum(m)
+    out = _group_logps(params, tokens, batch[prefix + "loss_mask"], attn, pos, config, lora_cfg, remat, chunk,
+                       batch.get("dropout_rng"))
+    count = jnp.sum(out.counts)
     denom = batch.get(prefix + "loss_normalizer", jnp.maximum(count, 1.0))
-    hit = (jnp.argmax(logits[:, :-1], axis=-1) == tokens[:, 1:]).astype(jnp.float32) * m[:, 1:]
-    return nll / denom, {"num_target_tokens": count, "token_accuracy": jnp.sum(hit) / jnp.maximum(count, 1.0)}
+    return -jnp.sum(out.logps) / denom, {"num_target_tokens": count, "token_accuracy": _ratio(out.hits, out.counts)}
 
 
-def make_sft_loss(config: LlamaConfig, *, lora_cfg: LoraConfig | None = None, remat: bool = False) -> LossFn:
+def make_sft_loss(config: LlamaConfig, *, lora_cfg: LoraConfig | None = None, remat: bool | str = False,
+                  logits_chunk: int = LOGITS_CHUNK) -> LossFn:
     """SFT: mean token cross-entropy over completion tokens, ``−Σ_t m_t log p(x_t | x_<t) / Σ_t m_t``.
 
     Batch: ``tokens``, ``loss_mask`` (+ ``attention_mask``, ``positions``, ``loss_normalizer``)."""
     _check_lora(lora_cfg)
+    _check_chunk(logits_chunk)
 
     def loss_fn(params: Params, batch: Batch, aux: Mapping[str, Any] | None = None) -> tuple[jax.Array, Metrics]:
-        loss, m = _token_nll(params, batch, "", config, lora_cfg, remat)
+        loss, m = _token_nll(params, batch, "", config, lora_cfg, remat, logits_chunk)
         return loss, {"loss": loss, **m}
 
     return loss_fn
 
 
 def make_gradient_ascent_loss(config: LlamaConfig, *, forget_weight: float = 1.0, retain_weight: float = 0.0,
-                              lora_cfg: LoraConfig | None = None, remat: bool = False) -> LossFn:
+                              lora_cfg: LoraConfig | None = None, remat: bool | str = False,
+                              logits_chunk: int = LOGITS_CHUNK) -> LossFn:
     """Gradient ascent / difference (open-unlearning GradAscent, GradDiff): ``−γ·NLL(forget) + α·NLL(retain)``, both
     mean token NLL; γ = ``forget_weight``, α = ``retain_weight`` (0: pure gradient ascent, no retain data needed).
 
     Batch: the forget group ``tokens``, ``loss_mask``, … and, when α ≠ 0, ``retain_tokens``, ``retain_loss_mask``, …"""
     _check_lora(lora_cfg)
+    _check_chunk(logits_chunk)
 
     def loss_fn(params: Params, batch: Batch, aux: Mapping[str, Any] | None = None) -> tuple[jax.Array, Metrics]:
-        forget_nll, _ = _token_nll(params, batch, "", config, lora_cfg, remat)
+        forget_nll, _ = _token_nll(params, batch, "", config, lora_cfg, remat, logits_chunk)
         loss = -forget_weight * forget_nll
         metrics = {"forget_nll": forget_nll}
         if retain_weight:
-            retain_nll, _ = _token_nll(params, batch, "retain_", config, lora_cfg, remat)
+            retain_nll, _ = _token_nll(params, batch, "retain_", config, lora_cfg, remat, logits_chunk)
             loss = loss + retain_weight * retain_nll
             metrics["retain_nll"] = retain_nll
         return loss, {"loss": loss, **metrics}
@@ -197,10 +271,11 @@ def make_gradient_ascent_loss(config: LlamaConfig, *, forget_weight: float = 1.0
 
 
 def make_gradient_difference_loss(config: LlamaConfig, *, forget_weight: float = 1.0, retain_weight: float = 1.0,
-                                  lora_cfg: LoraConfig | None = None, remat: bool = False) -> LossFn:
+                                  lora_cfg: LoraConfig | None = None, remat: bool | str = False,
+                                  logits_chunk: int = LOGITS_CHUNK) -> LossFn:
     """Gradient difference: :func:`make_gradient_ascent_loss` with a retain term (open-unlearning γ = α = 1)."""
     return make_gradient_ascent_loss(config, forget_weight=forget_weight, retain_weight=retain_weight,
-                                     lora_cfg=lora_cfg, remat=remat)
+                                     lora_cfg=lora_cfg, remat=remat, logits_chunk=logits_chunk)
 
 
 # ---------------------------------------------------------------------------------------------------- DPO
@@ -231,28 +306,28 @@ def dpo_loss_from_logps(chosen: jax.Array, rejected: jax.Array, ref_chosen: jax.
     return losses, jax.lax.stop_gradient(beta * r_w), jax.lax.stop_gradient(beta_l * r_l)
 
 
-def _pair_logps(params, batch, config, lora_cfg, remat) -> tuple[jax.Array, ...]:
+def _pair_logps(params, batch, config, lora_cfg, remat, chunk) -> tuple[jax.Array, ...]:
     """Summed log-probs and counts of the chosen and rejected groups in one forward, plus the two mean logits."""
     tokens, mask, attn, pos = _pair_inputs(batch, "chosen_", "rejected_")
-    logits = _logits(params, tokens, attn, pos, config, lora_cfg, remat, dropout_rng=batch.get("dropout_rng"))
-    sums, counts = sequence_logps(logits, tokens, mask)
+    out = _group_logps(params, tokens, mask, attn, pos, config, lora_cfg, remat, chunk, batch.get("dropout_rng"))
     b = batch["chosen_tokens"].shape[0]
-    mean_logits = (masked_mean_logits(logits[:b], mask[:b]), masked_mean_logits(logits[b:], mask[b:]))
-    return sums[:b], sums[b:], counts[:b], counts[b:], *mean_logits
+    mean_logits = (_ratio(out.logit_sums[:b], out.counts[:b]), _ratio(out.logit_sums[b:], out.counts[b:]))
+    return out.logps[:b], out.logps[b:], out.counts[:b], out.counts[b:], *mean_logits
 
 
-def _pair_ref_logps(batch, aux, config, lora_cfg, remat) -> tuple[jax.Array, jax.Array]:
+def _pair_ref_logps(batch, aux, config, lora_cfg, remat, chunk) -> tuple[jax.Array, jax.Array]:
     if "ref_chosen_logps" in batch and "ref_rejected_logps" in batch:
         return jax.lax.stop_gradient(batch["ref_chosen_logps"]), jax.lax.stop_gradient(batch["ref_rejected_logps"])
     if aux is None or "ref_params" not in aux:
         raise _missing_ref("ref_chosen_logps")
-    out = _pair_logps(jax.lax.stop_gradient(aux["ref_params"]), batch, config, lora_cfg, remat)
+    out = _pair_logps(jax.lax.stop_gradient(aux["ref_params"]), batch, config, lora_cfg, remat, chunk)
     return jax.lax.stop_gradient(out[0]), jax.lax.stop_gradient(out[1])
 
 
 def make_dpo_loss(config: LlamaConfig, *, beta: float = 0.1, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
                   beta_rejected: float | None = None, length_norm: str | None = None, rpo_alpha: float = 0.0,
-                  lora_cfg: LoraConfig | None = None, remat: bool = False) -> LossFn:
+                  lora_cfg: LoraConfig | None = None, remat: bool | str = False,
+                  logits_chunk: int = LOGITS_CHUNK) -> LossFn:
     """DPO with TRL's loss types and metric names (see :func:`dpo_loss_from_logps`).
 
     rpo_alpha: TRL's ``rpo_alpha`` (Pang et al. 2024, RPO): adds ``α · NLL(chosen)``, the chosen completion's token
@@ -266,6 +341,7 @@ def make_dpo_loss(config: LlamaConfig, *, beta: float = 0.1, loss_type: str = "s
     ``attention_mask`` / ``positions``) and ``ref_chosen_logps``, ``ref_rejected_logps`` — or aux ``ref_params``.
     """
     _check_lora(lora_cfg)
+    _check_chunk(logits_chunk)
     if loss_type not in DPO_LOSS_TYPES:
         raise ValueError(f"DPO loss_type={loss_type!r}; choose one of {DPO_LOSS_TYPES}")
     length_norm = length_norm or ("tokens" if loss_type == "ipo" else "none")
@@ -280,8 +356,8 @@ def make_dpo_loss(config: LlamaConfig, *, beta: float = 0.1, loss_type: str = "s
         return x / full_len if length_norm == "full" else x
 
     def loss_fn(params: Params, batch: Batch, aux: Mapping[str, Any] | None = None) -> tuple[jax.Array, Metrics]:
-        pc, pr, nc, nr, logits_c, logits_r = _pair_logps(params, batch, config, lora_cfg, remat)
-        rc, rr = _pair_ref_logps(batch, aux, config, lora_cfg, remat)
+        pc, pr, nc, nr, logits_c, logits_r = _pair_logps(params, batch, config, lora_cfg, remat, logits_chunk)
+        rc, rr = _pair_ref_logps(batch, aux, config, lora_cfg, remat, logits_chunk)
         full_c, full_r = batch["chosen_tokens"].shape[1] - 1, batch["rejected_tokens"].shape[1] - 1
         extra = {}
         if rpo_alpha:  # chosen-token NLL averaged over the batch's chosen tokens, before any length normalisation
@@ -306,11 +382,12 @@ def make_dpo_loss(config: LlamaConfig, *, beta: float = 0.1, loss_type: str = "s
 
 
 def make_synthetic_dpo_loss(config: LlamaConfig, *, beta_chosen: float = 0.1, beta_rejected: float = 0.01,
-                            lora_cfg: LoraConfig | None = None, remat: bool = False) -> LossFn:
+                            lora_cfg: LoraConfig | None = None, remat: bool | str = False,
+                            logits_chunk: int = LOGITS_CHUNK) -> LossFn:
     """The synthetic study's DPO (Jain et al. 2024, ``dpo/trainer_dpo.py``): ``−log σ(β_w·r_w − β_l·r_l)`` with
     ``r = (log π − log π_ref) / (T−1)``, the summed log-likelihood over the full target length."""
     return make_dpo_loss(config, beta=beta_chosen, beta_rejected=beta_rejected, loss_type="sigmoid",
-                         length_norm="full", lora_cfg=lora_cfg, remat=remat)
+                         length_norm="full", lora_cfg=lora_cfg, remat=remat, logits_chunk=logits_chunk)
 
 
 # ---------------------------------------------------------------------------------------------------- NPO
@@ -321,22 +398,24 @@ def npo_loss_from_nll(nll: jax.Array, ref_nll: jax.Array, *, beta: float) -> jax
 
 
 def make_npo_loss(config: LlamaConfig, *, beta: float = 0.1, forget_weight: float = 1.0, retain_weight: float = 0.0,
-                  lora_cfg: LoraConfig | None = None, remat: bool = False) -> LossFn:
+                  lora_cfg: LoraConfig | None = None, remat: bool | str = False,
+                  logits_chunk: int = LOGITS_CHUNK) -> LossFn:
     """NPO on the forget set (mean over sequences), optionally ``+ α·NLL(retain)`` (NPO+RT; open-unlearning α = 1).
 
     Batch: ``tokens``, ``loss_mask`` (+ …) of the forget set; ``ref_logps`` [B] or aux ``ref_params``; retain group
     ``retain_*`` when ``retain_weight`` ≠ 0."""
     _check_lora(lora_cfg)
+    _check_chunk(logits_chunk)
 
     def loss_fn(params: Params, batch: Batch, aux: Mapping[str, Any] | None = None) -> tuple[jax.Array, Metrics]:
         tokens, attn, pos = _group_inputs(batch, "")
-        logps, _ = sequence_logps(_logits(params, tokens, attn, pos, config, lora_cfg, remat), tokens,
-                                  batch["loss_mask"])
+        group = lambda p: _group_logps(p, tokens, batch["loss_mask"], attn, pos, config, lora_cfg, remat,
+                                       logits_chunk).logps
+        logps = group(params)
         if "ref_logps" in batch:
             ref = batch["ref_logps"]
         elif aux is not None and "ref_params" in aux:
-            ref_logits = _logits(jax.lax.stop_gradient(aux["ref_params"]), tokens, attn, pos, config, lora_cfg, remat)
-            ref = sequence_logps(ref_logits, tokens, batch["loss_mask"])[0]
+            ref = group(jax.lax.stop_gradient(aux["ref_params"]))
         else:
             raise _missing_ref("ref_logps")
         ref = jax.lax.stop_gradient(ref)
@@ -345,7 +424,7 @@ def make_npo_loss(config: LlamaConfig, *, beta: float = 0.1, forget_weight: floa
         metrics = {"npo_loss": npo, "forget_nll": -example_mean(jax.lax.stop_gradient(logps), batch),
                    "forget_log_ratio": example_mean(jax.lax.stop_gradient(logps - ref), batch)}
         if retain_weight:
-            retain_nll, _ = _token_nll(params, batch, "retain_", config, lora_cfg, remat)
+            retain_nll, _ = _token_nll(params, batch, "retain_", config, lora_cfg, remat, logits_chunk)
             loss = loss + retain_weight * retain_nll
             metrics["retain_nll"] = retain_nll
         return loss, {"loss": loss, **metrics}
@@ -370,7 +449,7 @@ def activation_mse(acts: jax.Array, target: jax.Array, mask: jax.Array) -> jax.A
 
 
 def layer_activations(params: Params, batch: Batch, prefix: str, layer: int, config: LlamaConfig, *,
-                      lora_cfg: LoraConfig | None = None, remat: bool = False) -> jax.Array:
+                      lora_cfg: LoraConfig | None = None, remat: bool | str = False) -> jax.Array:
     """Block output (``resid_post``) of ``layer`` for a group: [B, T, D] float32, running only layers 0..layer."""
     base, lora = split(params)
     cut = lambda tree: jax.tree.map(lambda w: w[: layer + 1], tree)
@@ -378,21 +457,23 @@ def layer_activations(params: Params, batch: Batch, prefix: str, layer: int, con
     if lora is not None:
         sub["lora"] = {**lora, "layers": cut(lora["layers"])}
     tokens, attn, pos = _group_inputs(batch, prefix)
-    _, cap = _logits(sub, tokens, attn, pos, config, lora_cfg, remat, capture="resid_post")
+    _, cap = _hidden(sub, tokens, attn, pos, config, lora_cfg, remat, capture="resid_post")
     return cap["resid_post"][-1].astype(jnp.float32)
 
 
 def make_rmu_loss(config: LlamaConfig, *, layer: int = 7, steering_coeff: float = 20.0, alpha: float = 100.0,
                   seed: int = 0, control_vector: np.ndarray | None = None, lora_cfg: LoraConfig | None = None,
-                  remat: bool = False) -> LossFn:
+                  remat: bool | str = False, logits_chunk: int = LOGITS_CHUNK) -> LossFn:
     """RMU (Li et al. 2024, WMDP; open-unlearning masking): at ``layer``'s output,
     ``MSE(h_θ(forget), c·u/‖u‖) + α·MSE(h_θ(retain), h_frozen(retain))``, each over the ``loss_mask`` positions.
 
     Defaults follow the WMDP script (layer 7, c = 20, α = 100). Train only chosen MLP weights (e.g. OptimConfig
     ``trainable=("mlp.down@5-7",)``). Batch: forget ``tokens``, ``loss_mask``; ``retain_tokens``,
-    ``retain_loss_mask``; and ``ref_retain_activations [B, T, D]`` or aux ``ref_params``.
+    ``retain_loss_mask``; and ``ref_retain_activations [B, T, D]`` or aux ``ref_params``. ``logits_chunk`` is
+    accepted for a uniform factory interface and unused (RMU reads no logits).
     """
     _check_lora(lora_cfg)
+    _check_chunk(logits_chunk)
     if not 0 <= layer < config.num_hidden_layers:
         raise ValueError(f"RMU layer={layer} out of range for {config.num_hidden_layers} layers")
     if control_vector is None:
@@ -422,15 +503,17 @@ def make_rmu_loss(config: LlamaConfig, *, layer: int = 7, steering_coeff: float 
 
 # -------------------------------------------------------------------------------------------- synthetic unlearning
 def make_synthetic_unlearning_loss(config: LlamaConfig, *, chosen_weight: float = 1.0, rejected_weight: float = 0.1,
-                                   lora_cfg: LoraConfig | None = None, remat: bool = False) -> LossFn:
+                                   lora_cfg: LoraConfig | None = None, remat: bool | str = False,
+                                   logits_chunk: int = LOGITS_CHUNK) -> LossFn:
     """The synthetic study's unlearning (Jain et al. 2024, ``unlearn/trainer_unlearn.py``):
     ``mean_b [w_c·ℓ(chosen) − w_r·ℓ(rejected)]``, ℓ = summed completion NLL / (T−1), w_c = 1, w_r = 0.1.
 
     Batch: ``chosen_tokens``, ``chosen_loss_mask``, ``rejected_tokens``, ``rejected_loss_mask`` (+ …)."""
     _check_lora(lora_cfg)
+    _check_chunk(logits_chunk)
 
     def loss_fn(params: Params, batch: Batch, aux: Mapping[str, Any] | None = None) -> tuple[jax.Array, Metrics]:
-        pc, pr, *_ = _pair_logps(params, batch, config, lora_cfg, remat)
+        pc, pr, *_ = _pair_logps(params, batch, config, lora_cfg, remat, logits_chunk)
         nll_c = -pc / (batch["chosen_tokens"].shape[1] - 1)
         nll_r = -pr / (batch["rejected_tokens"].shape[1] - 1)
         loss = example_mean(chosen_weight * nll_c - rejected_weight * nll_r, batch)
@@ -442,13 +525,16 @@ def make_synthetic_unlearning_loss(config: LlamaConfig, *, chosen_weight: float 
 
 # ---------------------------------------------------------------------------------------------------- reference pass
 def precompute_reference_logps(params: Params, config: LlamaConfig, batches: Iterable[Batch], *,
-                               lora_cfg: LoraConfig | None = None) -> list[dict[str, Any]]:
+                               lora_cfg: LoraConfig | None = None,
+                               logits_chunk: int = LOGITS_CHUNK) -> list[dict[str, Any]]:
     """One jitted pass of the frozen reference over the data: each batch comes back with ``ref_{p}logps [B]``
     (summed log-probs, numpy float32) added for every group ``p`` in ``chosen_``, ``rejected_`` and ``""`` present.
     """
+    _check_chunk(logits_chunk)
+
     @jax.jit
     def seq_logps(p, tokens, loss_mask, attn, pos):
-        return sequence_logps(_logits(p, tokens, attn, pos, config, lora_cfg, False), tokens, loss_mask)[0]
+        return _group_logps(p, tokens, loss_mask, attn, pos, config, lora_cfg, False, logits_chunk).logps
 
     out = []
     for batch in batches:
