@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -85,6 +88,23 @@ def test_blockwise_decode_query_against_a_partly_filled_cache():
     ref = A.reference_attention(q, k, v, slots, valid)
     assert _rel(A.blockwise_attention(q, k, v, slots, valid, block_q=4, block_k=4), ref) <= 1e-5
     assert _rel(A.dpa_attention(q, k, v, slots, valid), ref) <= 1e-5
+
+
+def test_blockwise_gradient_holds_no_full_score_buffer():
+    """The compiled gradient of blockwise attention (T = S = 64 in blocks of 16) has no float32 buffer as large as
+    the [B, N, T, S] scores; the reference path's does (so the check can see one)."""
+    q, k, v = _qkv(4, 2, 64, 64)
+    valid = np.ones((2, 64), bool)
+    full = 2 * 4 * 64 * 64
+
+    def largest(f) -> int:
+        step = jax.jit(jax.grad(lambda q, k, v: jnp.sum(f(q, k, v) ** 2), argnums=(0, 1, 2)))
+        hlo = step.lower(q, k, v).compile().as_text()
+        return max(math.prod(int(d) for d in dims.split(",")) for dims in re.findall(r"f32\[([\d,]+)\]", hlo))
+
+    blockwise = lambda q, k, v: A.blockwise_attention(q, k, v, jnp.arange(64), valid, block_q=16, block_k=16)
+    assert largest(blockwise) < full
+    assert largest(lambda q, k, v: A.reference_attention(q, k, v, jnp.arange(64), valid)) >= full
 
 
 def test_cudnn_off_gpu_and_unknown_impl_are_clear_errors():

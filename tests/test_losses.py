@@ -371,6 +371,8 @@ def test_unknown_loss_and_loss_type_are_rejected():
         L.make_loss("dpoo", CONFIG)
     with pytest.raises(ValueError, match="loss_type"):
         L.make_dpo_loss(CONFIG, loss_type="kto")
+    with pytest.raises(ValueError, match="logits_chunk"):
+        L.make_sft_loss(CONFIG, logits_chunk=0)
 
 
 # ---------------------------------------------------------------------------------------------------- gradients
