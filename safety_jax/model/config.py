@@ -14,9 +14,8 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from safety_jax.model.attention import ATTENTION_IMPLS
-
 from safety_jax.errors import ConfigError
+from safety_jax.model.attention import ATTENTION_IMPLS
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
