@@ -169,8 +169,6 @@ def test_orbax_model_folder_loads_onto_shardings_and_is_replaced_only_when_asked
     save_model(folder, CONFIG, newer, fmt="orbax", overwrite=True)
     assert_bit_identical(load_model(folder)[1], newer)
     assert sorted(os.listdir(tmp_path)) == ["model"]
-    with pytest.raises(TypeError, match="param_sharding_fn"):
-        load_model(folder, mesh=mesh, strategy="fsdp")
 
 
 def test_mismatch_errors_are_checkpoint_errors_and_value_errors():

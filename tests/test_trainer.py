@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -111,3 +113,114 @@ def test_sft_lowers_held_out_loss_and_logs(tmp_path):
     assert (tmp_path / "metrics.jsonl").read_text().count("\n") >= 4
     assert any(p.name.startswith("events") for p in (tmp_path / "tensorboard").iterdir())
     assert jnp.isfinite(hist[-1].get("loss", hist[-2].get("loss", 0.0)))
+
+
+# ---------------------------------------------------------------------------------------------------- precision
+def _update_after(config, params, steps=100, lr=1e-6):
+    """Params after ``steps`` AdamW steps at ``lr`` (constant schedule, no decay or clipping) on fixed data."""
+    ocfg = OptimConfig(lr=lr, weight_decay=0.0, clip_norm=None)
+    state, _ = train(make_sft_loss(config), build_optimizer(ocfg, params), params, _iterator(),
+                     TrainConfig(steps=steps, log_every=steps, progress=False))
+    return state.params
+
+
+def test_bf16_compute_with_fp32_masters_moves_weights_as_far_as_fp32(caplog):
+    params = init_params(CONFIG, jax.random.key(0))
+    fp32 = _update_after(CONFIG, params)
+    mixed = _update_after(CONFIG.replace(compute_dtype="bfloat16"), params)
+    for name in ("embed", "lm_head"):
+        d32 = np.asarray(fp32[name]) - np.asarray(params[name])
+        dmx = np.asarray(mixed[name], np.float32) - np.asarray(params[name])
+        assert mixed[name].dtype == jnp.float32
+        assert abs(np.linalg.norm(dmx) - np.linalg.norm(d32)) <= 1e-2 * np.linalg.norm(d32), name
+        assert np.linalg.norm(dmx - d32) <= 0.2 * np.linalg.norm(d32), name  # the same direction, up to bf16 noise
+    # pure bf16 storage: weights of magnitude >= 0.01 (bf16 spacing 6e-5 there) stay bit-identical after the same
+    # 100 steps of ~1e-6 each, which fp32 masters do move; the run says so up front
+    bf16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
+    with caplog.at_level("WARNING"):
+        pure = _update_after(CONFIG.replace(param_dtype="bfloat16", compute_dtype="bfloat16"), bf16)
+    big = np.abs(np.asarray(bf16["lm_head"], np.float32)) >= 0.01
+    assert big.sum() > 1000
+    assert np.array_equal(np.asarray(pure["lm_head"])[big], np.asarray(bf16["lm_head"])[big])
+    assert np.all(np.asarray(mixed["lm_head"])[big] != np.asarray(params["lm_head"])[big])
+    assert any("an update smaller than" in r.message and "param_dtype=float32" in r.message for r in caplog.records)
+
+
+# ---------------------------------------------------------------------------------------------------- frozen weights
+# Widths that no activation shares, so a dot whose result has a frozen weight's shape is that weight's gradient.
+ODD = get_preset("tiny", hidden_size=48, num_attention_heads=4, num_key_value_heads=2, intermediate_size=136,
+                 vocab_size=200)
+
+
+def _dot_shapes(hlo: str) -> set[tuple[int, ...]]:
+    shapes = set()
+    for m in re.finditer(r"= f32\[([\d,]*)\]\S* (?:dot|convolution)\(", hlo):
+        shapes.add(tuple(int(x) for x in m.group(1).split(",") if x))
+    return shapes
+
+
+def _weight_grad_shapes(module_shape: tuple[int, ...]) -> set[tuple[int, ...]]:
+    """Shapes a per-layer weight gradient dot can take: the weight's, its 2-D flattening, either way round."""
+    d_in, d_out = module_shape[0], int(np.prod(module_shape[1:]))
+    return {tuple(module_shape), (d_in, d_out), (d_out, d_in)}
+
+
+def _compiled_step(params, ocfg, lora_cfg=None):
+    from safety_jax.train.optim import split_trainable
+
+    loss = make_sft_loss(ODD, lora_cfg=lora_cfg)
+    trainable, frozen = split_trainable(ocfg, params)
+    opt = build_optimizer(ocfg, trainable)
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(3, ODD.vocab_size, (2, 10)).astype(np.int32)
+    batch = stack_micro_batches({"tokens": tokens, "loss_mask": np.ones_like(tokens)}, 1)
+    step = make_train_step(loss, opt, donate=False)
+    state = TrainState.create(trainable, opt)
+    hlo = step.lower(state, batch, None, frozen).compile().as_text()
+    _, metrics = step(state, batch, None, frozen)
+    return hlo, metrics, loss, trainable, frozen, batch
+
+
+def _hand_grad_norm(loss, trainable, frozen, batch):
+    from safety_jax.train.optim import merge_params
+
+    mb = jax.tree.map(lambda x: x[0], batch)
+    mb = {**mb, "loss_normalizer": jnp.sum(jnp.asarray(mb["loss_mask"])[:, 1:]).astype(jnp.float32)}
+    grads = jax.grad(lambda t: loss(merge_params(t, frozen), mb, None)[0])(trainable)
+    return np.sqrt(sum(float(jnp.sum(g.astype(jnp.float32) ** 2)) for g in jax.tree.leaves(grads)))
+
+
+def test_lora_step_has_no_frozen_weight_gradient_and_reports_the_adapter_grad_norm():
+    from safety_jax.model.llama import layer_weight_shapes
+    from safety_jax.model.lora import LoraConfig, combine, init_lora
+
+    lora_cfg = LoraConfig(rank=4, alpha=8.0, targets=("attn.q", "attn.v"))
+    params = combine(init_params(ODD, jax.random.key(0)), init_lora(ODD, lora_cfg, jax.random.key(1)))
+    params["lora"] = jax.tree.map(lambda x: x + 0.01, params["lora"])  # non-zero B: every adapter gets a gradient
+    hlo, metrics, loss, trainable, frozen, batch = _compiled_step(params, OptimConfig(), lora_cfg)
+    assert jax.tree.leaves(frozen) and set(trainable) == {"lora"} or all(
+        v is None for k, v in trainable.items() if k != "lora" for v in jax.tree.leaves(v, is_leaf=lambda x: x is None))
+    shapes = layer_weight_shapes(ODD)
+    forbidden = set().union(*(_weight_grad_shapes(shapes[m]) for m in ("mlp.gate", "mlp.up", "mlp.down", "attn.o",
+                                                                       "attn.q", "attn.v")))
+    forbidden |= _weight_grad_shapes((ODD.hidden_size, ODD.vocab_size))  # lm_head
+    assert not _dot_shapes(hlo) & forbidden, sorted(_dot_shapes(hlo) & forbidden)
+    np.testing.assert_allclose(float(metrics["grad_norm"]), _hand_grad_norm(loss, trainable, frozen, batch),
+                               rtol=1e-5)
+    # the check is not vacuous: full fine-tuning's step does hold those weight-gradient dots
+    full_hlo = _compiled_step(init_params(ODD, jax.random.key(0)), OptimConfig())[0]
+    assert _dot_shapes(full_hlo) & _weight_grad_shapes(shapes["mlp.gate"])
+
+
+def test_frozen_modules_are_not_differentiated_and_grad_norm_covers_the_trainable_ones():
+    from safety_jax.model.llama import layer_weight_shapes
+
+    ocfg = OptimConfig(frozen=("mlp.gate", "mlp.up", "mlp.down", "lm_head"))
+    hlo, metrics, loss, trainable, frozen, batch = _compiled_step(init_params(ODD, jax.random.key(0)), ocfg)
+    shapes = layer_weight_shapes(ODD)
+    forbidden = set().union(*(_weight_grad_shapes(shapes[m]) for m in ("mlp.gate", "mlp.up", "mlp.down")))
+    forbidden |= _weight_grad_shapes((ODD.hidden_size, ODD.vocab_size))
+    assert not _dot_shapes(hlo) & forbidden, sorted(_dot_shapes(hlo) & forbidden)
+    assert trainable["lm_head"] is None and frozen["layers"]["attn"]["q"] is None
+    np.testing.assert_allclose(float(metrics["grad_norm"]), _hand_grad_norm(loss, trainable, frozen, batch),
+                               rtol=1e-5)

@@ -102,7 +102,7 @@ class Stages:
               fn: Callable[[str], Params]) -> Params:
         """A stage whose output is a model, saved as a Hugging Face folder ``OUT/<name>/model``."""
         folder = self._run(name, depends_on, lambda d: save_hf(config, fn(d), os.path.join(d, "model"),
-                                                               tokenizer=build_tokenizer(world)))
+                                                               tokenizer=build_tokenizer(world), overwrite=True))
         return load_hf(os.path.join(folder, "model"))[1]
 
     def json(self, name: str, depends_on: Any, fn: Callable[[], Any]) -> Any:

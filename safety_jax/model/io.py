@@ -47,18 +47,13 @@ def model_format(path: PathLike) -> str:
                           f"(config.json + {ORBAX_PARAMS}/)")
 
 
-def load_model(path: PathLike, *, dtype: str | None = None, shardings: Shardings = None,
-               mesh: None = None, strategy: str | None = None) -> tuple[LlamaConfig, Params]:
+def load_model(path: PathLike, *, dtype: str | None = None,
+               shardings: Shardings = None) -> tuple[LlamaConfig, Params]:
     """Load ``(config, params)`` from either folder format, optionally straight onto ``shardings``.
 
     shardings: a params-shaped pytree of ``jax.sharding.Sharding`` or a function ``config -> pytree`` (e.g.
-    ``safety_jax.parallel.param_sharding_fn(mesh, strategy)``). ``mesh``/``strategy`` are accepted only as ``None``
-    while callers move to ``shardings``.
+    ``safety_jax.parallel.param_sharding_fn(mesh, strategy)``).
     """
-    if mesh is not None:
-        raise TypeError("load_model(mesh=..., strategy=...) is replaced by "
-                        "load_model(..., shardings=safety_jax.parallel.param_sharding_fn(mesh, strategy))")
-    del strategy
     if model_format(path) == "hf":
         return load_hf(path, dtype=dtype, shardings=shardings)
     folder = to_path(path)

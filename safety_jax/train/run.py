@@ -320,7 +320,10 @@ def run(cfg: RunConfig) -> dict[str, Any]:
 
         mesh = make_mesh(cfg.mesh)
     if cfg.model is not None:
-        config, params = load_model(cfg.model, dtype=cfg.param_dtype, mesh=mesh, strategy=cfg.strategy)
+        from safety_jax.parallel import param_sharding_fn
+
+        shardings = param_sharding_fn(mesh, cfg.strategy) if mesh is not None else None
+        config, params = load_model(cfg.model, dtype=cfg.param_dtype, shardings=shardings)
         compute = cfg.compute_dtype or _checkpoint_dtype(cfg.model) or "float32"
     else:
         config = get_preset(cfg.preset, param_dtype=cfg.param_dtype)
@@ -379,7 +382,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
                            fingerprint=run_fingerprint_settings(cfg), donate_params=True)
     base, lora = split(merge_params(state.params, frozen))
     model_dir = os.path.join(cfg.out, "model")
-    save_model(model_dir, config, base, fmt=cfg.save_format, tokenizer=tokenizer)
+    save_model(model_dir, config, base, fmt=cfg.save_format, tokenizer=tokenizer, overwrite=True)
     if lora is not None and jax.process_index() == 0:
         save_lora(os.path.join(cfg.out, "lora"), lora, lora_cfg)
     return {"history": history, "model": model_dir}
