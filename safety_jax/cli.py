@@ -3,12 +3,23 @@
     safety-jax convert --src HF_FOLDER --dst OUT --to orbax       # or --to hf, from an orbax folder
     safety-jax generate --model FOLDER --prompt "..." --max-new-tokens 32 [--temperature 0.7 --top-p 0.9]
     safety-jax train --config run.yaml key=value ...               # SFT / DPO / unlearning
+    safety-jax plan --config run.yaml [--mesh fsdp=8] [--batch 8 --seq 2048]   # per-device memory of one step
+
+Multi-process (train, plan): --coordinator-address HOST:PORT --num-processes N --process-id I, or the environment
+(JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID, Slurm, Open MPI, TPU) as jax.distributed reads it.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import math
+import os
+import re
 import sys
+from typing import Any
+
+DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
 
 
 def _convert(args: argparse.Namespace) -> None:
@@ -43,9 +54,166 @@ def _generate(args: argparse.Namespace) -> None:
 
 
 def _train(args: argparse.Namespace) -> None:
+    _init_distributed(args)
     from safety_jax.train.run import train_from_cli
 
     train_from_cli(args.config, args.overrides)
+
+
+# ---------------------------------------------------------------------------------------------------- plan
+def mesh_device_count(spec: str | None) -> int | None:
+    """Devices a mesh spec (``"data=2,fsdp=4"``) asks for; None when it has a ``-1`` axis or is malformed."""
+    sizes = []
+    for part in (p.strip() for p in (spec or "").split(",") if p.strip()):
+        try:
+            sizes.append(int(part.partition("=")[2]))
+        except ValueError:
+            return None  # make_mesh names the malformed part
+    return math.prod(sizes) if sizes and all(s > 0 for s in sizes) else None
+
+
+def _config_mesh(path: str | None, overrides: list[str]) -> str | None:
+    """The run config's ``mesh`` (a ``mesh=`` override last), read without jax; None when absent or unreadable."""
+    mesh = None
+    if path:
+        import yaml
+
+        try:
+            with open(path) as f:
+                raw = yaml.safe_load(f)
+            mesh = raw.get("mesh") if isinstance(raw, dict) else None
+        except (OSError, yaml.YAMLError):
+            return None  # load_run_config reports it
+    for item in overrides:
+        if item.startswith("mesh="):
+            mesh = item.partition("=")[2]
+    return mesh if isinstance(mesh, str) else None
+
+
+def _backends_started() -> bool:
+    """Whether jax has created its backends (after which ``XLA_FLAGS`` no longer changes the devices)."""
+    if "jax" not in sys.modules:
+        return False
+    try:
+        from jax._src import xla_bridge
+
+        return bool(xla_bridge.backends_are_initialized())
+    except (ImportError, AttributeError):
+        return True
+
+
+def simulate_host_devices(count: int | None) -> bool:
+    """Ask for ``count`` host (CPU) devices via ``XLA_FLAGS``; possible only before jax creates its backends (returns
+    whether it was set). An accelerator backend is unaffected: the flag sizes the CPU platform only."""
+    if count is None or count < 2 or _backends_started():
+        return False
+    flags = re.sub(rf"{DEVICE_COUNT_FLAG}=\S+", "", os.environ.get("XLA_FLAGS", "")).strip()
+    os.environ["XLA_FLAGS"] = f"{flags} {DEVICE_COUNT_FLAG}={count}".strip()
+    return True
+
+
+def _plan(args: argparse.Namespace) -> None:
+    if _requested_processes(args) <= 1:
+        simulate_host_devices(mesh_device_count(args.mesh or _config_mesh(args.config, args.overrides)))
+    _init_distributed(args)
+    from safety_jax.train.plan import plan_step
+    from safety_jax.train.run import load_run_config
+
+    plan = plan_step(load_run_config(args.config, args.overrides), batch_size=args.batch, seq_len=args.seq,
+                     mesh_spec=args.mesh, compile=not args.no_compile)
+    import jax
+
+    if jax.process_index() == 0:
+        print(json.dumps(plan.to_json(), indent=2) if args.json else plan.format())
+
+
+# ---------------------------------------------------------------------------------------------------- processes
+def _env_int(name: str) -> int | None:
+    try:
+        return int(os.environ[name])
+    except (KeyError, ValueError):
+        return None
+
+
+def _requested_processes(args: argparse.Namespace) -> int:
+    """Processes asked for by the flags or a launcher's environment (Slurm, Open MPI); 1 when none."""
+    counts = [args.num_processes, _env_int("SLURM_NTASKS") if "SLURM_PROCID" in os.environ else None,
+              _env_int("OMPI_COMM_WORLD_SIZE")]
+    return max([c for c in counts if c is not None] or [1])
+
+
+def _init_distributed(args: argparse.Namespace) -> None:
+    """``jax.distributed`` before anything touches the devices (a no-op for a single-process run)."""
+    import jax
+
+    if _requested_processes(args) > 1 and _cpu_may_run():
+        # CPU collectives across processes; the setting configures only the CPU client
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    from safety_jax.parallel import initialize_distributed
+
+    kwargs: dict[str, Any] = {}
+    if args.coordinator_address is not None or (args.num_processes or 1) > 1:
+        kwargs = {k: v for k, v in (("coordinator_address", args.coordinator_address),
+                                    ("num_processes", args.num_processes), ("process_id", args.process_id))
+                  if v is not None}
+    initialize_distributed(**kwargs)
+
+
+def _cpu_may_run() -> bool:
+    """Whether the CPU platform may be the one jax runs on (``JAX_PLATFORMS`` unset or naming cpu first)."""
+    import jax
+
+    platforms = jax.config.jax_platforms or ""
+    return not platforms or platforms.split(",")[0].strip() == "cpu"
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 0")
+    return value
+
+
+def _add_process_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("multi-process (default: the environment, as jax.distributed reads it)")
+    g.add_argument("--coordinator-address", default=os.environ.get("JAX_COORDINATOR_ADDRESS"), metavar="HOST:PORT",
+                   help="address of process 0's coordinator (env JAX_COORDINATOR_ADDRESS)")
+    g.add_argument("--num-processes", type=_positive_int, default=os.environ.get("JAX_NUM_PROCESSES"), metavar="N",
+                   help="number of processes in the job (env JAX_NUM_PROCESSES)")
+    g.add_argument("--process-id", type=_non_negative_int, default=os.environ.get("JAX_PROCESS_ID"), metavar="I",
+                   help="this process's index, 0 .. N-1 (env JAX_PROCESS_ID)")
+
+
+def _check_process_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if not hasattr(args, "process_id"):
+        return
+    n, i = args.num_processes, args.process_id
+    if i is not None and n is None:
+        parser.error(f"--process-id {i} needs --num-processes (or JAX_NUM_PROCESSES)")
+    if i is not None and i >= n:
+        parser.error(f"--process-id {i} must be below --num-processes {n} (process ids run 0 .. {n - 1})")
+    if n is not None and n > 1 and args.coordinator_address is None and i is None and not _launcher_env():
+        parser.error(f"--num-processes {n} needs --coordinator-address HOST:PORT and --process-id (or a Slurm / "
+                     "Open MPI / TPU launcher that sets them)")
+
+
+def _launcher_env() -> bool:
+    env = os.environ
+    return any(k in env for k in ("SLURM_PROCID", "OMPI_COMM_WORLD_RANK", "TPU_WORKER_HOSTNAMES",
+                                  "TPU_PROCESS_ADDRESSES", "MEGASCALE_COORDINATOR_ADDRESS"))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -75,12 +243,31 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="SFT / DPO / unlearning from a YAML config")
     p.add_argument("--config", required=True, help="YAML run config")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=1e-4 steps=100")
+    _add_process_args(p)
     p.set_defaults(func=_train)
+
+    p = sub.add_parser("plan", help="per-device memory of one training step, without loading weights",
+                       description="Per-device memory of one training step of a run config: params, optimizer "
+                       "state, frozen weights, batch (from their shardings) and XLA's compiled estimate "
+                       "(activations, temporaries, total). Nothing is loaded or run; on a CPU-only machine the "
+                       "mesh's devices are simulated.")
+    p.add_argument("--config", default=None, help="YAML run config (as for train); or only key=value overrides")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. preset=llama3_8b compute_dtype=bfloat16")
+    p.add_argument("--mesh", default=None, help="mesh spec, e.g. fsdp=8 (default: the config's mesh)")
+    p.add_argument("--batch", type=_positive_int, default=None, help="global batch size (default: batch_size)")
+    p.add_argument("--seq", type=_positive_int, default=None, help="sequence length (default: data.max_length)")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.add_argument("--no-compile", action="store_true",
+                   help="only the analytic sizes (no XLA compile: no activations / temporaries)")
+    _add_process_args(p)
+    p.set_defaults(func=_plan)
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _check_process_args(parser, args)
     args.func(args)
 
 

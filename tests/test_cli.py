@@ -51,3 +51,71 @@ def test_convert_round_trip_and_generate(hf_folder, tmp_path):
     expected = tok.decode(np.asarray(new)[0, : int(n[0])], skip_special_tokens=True)
     assert f"### w5 w9 w11\n{expected}\n" in out
     assert "### w7\n" in out
+
+
+@pytest.mark.parametrize("command", ["train", "plan"])
+def test_multi_process_flags_are_listed(command, capsys):
+    from safety_jax import cli
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([command, "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for flag in ("--coordinator-address", "--num-processes", "--process-id"):
+        assert flag in out
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--num-processes", "0"], "--num-processes: 0 must be at least 1"),
+    (["--num-processes", "two"], "--num-processes: 'two' is not an integer"),
+    (["--process-id", "-1", "--num-processes", "2"], "--process-id: -1 must be at least 0"),
+    (["--coordinator-address", "h:1", "--num-processes", "2", "--process-id", "2"],
+     "--process-id 2 must be below --num-processes 2"),
+    (["--process-id", "1"], "--process-id 1 needs --num-processes"),
+    (["--num-processes", "2"], "--num-processes 2 needs --coordinator-address"),
+])
+def test_bad_process_flags_are_argparse_errors(args, message, capsys, monkeypatch):
+    from safety_jax import cli
+
+    for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "SLURM_PROCID",
+                 "OMPI_COMM_WORLD_RANK", "TPU_WORKER_HOSTNAMES", "TPU_PROCESS_ADDRESSES",
+                 "MEGASCALE_COORDINATOR_ADDRESS"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["train", "--config", "run.yaml", *args])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_process_flags_default_to_the_environment(monkeypatch, capsys):
+    from safety_jax import cli
+
+    monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "10.0.0.1:1234")
+    monkeypatch.setenv("JAX_NUM_PROCESSES", "4")
+    monkeypatch.setenv("JAX_PROCESS_ID", "3")
+    args = cli.build_parser().parse_args(["train", "--config", "run.yaml"])
+    assert (args.coordinator_address, args.num_processes, args.process_id) == ("10.0.0.1:1234", 4, 3)
+    monkeypatch.setenv("JAX_NUM_PROCESSES", "0")
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["train", "--config", "run.yaml"])
+    assert "must be at least 1" in capsys.readouterr().err
+
+
+def test_single_process_run_does_not_initialise_distributed(monkeypatch):
+    from safety_jax import cli, parallel
+
+    calls = []
+    monkeypatch.setattr(parallel, "initialize_distributed", lambda **kw: calls.append(kw) or False)
+    for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
+        monkeypatch.delenv(name, raising=False)
+    before = jax.config.jax_cpu_collectives_implementation
+    jax.config.update("jax_cpu_collectives_implementation", "mpi")  # only read when a CPU client is created
+    try:
+        cli._init_distributed(cli.build_parser().parse_args(["train", "--config", "x"]))
+        assert jax.config.jax_cpu_collectives_implementation == "mpi"  # one process: left alone
+        cli._init_distributed(cli.build_parser().parse_args(
+            ["train", "--config", "x", "--coordinator-address", "h:1", "--num-processes", "2", "--process-id", "1"]))
+        assert jax.config.jax_cpu_collectives_implementation == "gloo"
+    finally:
+        jax.config.update("jax_cpu_collectives_implementation", before)
+    assert calls == [{}, {"coordinator_address": "h:1", "num_processes": 2, "process_id": 1}]
