@@ -85,18 +85,25 @@ def test_resume_after_interruption_is_bit_identical(tmp_path):
 
 @pytest.mark.parametrize("spec", ["fsdp=8", "data=2,fsdp=2,tensor=2"])
 def test_sharded_training_matches_single_device(spec):
+    # SGD: the update is linear in the gradient, so float reduction-order noise (~1e-7) stays that size. (Adam's
+    # m/sqrt(v) turns the same noise on near-zero gradient entries into O(lr) steps, so its params are compared
+    # through the loss trajectory instead.)
     params = init_params(CONFIG, jax.random.key(0))
-    ocfg = OptimConfig(lr=1e-3, weight_decay=0.1)
     loss = make_sft_loss(CONFIG)
-    cfg = TrainConfig(steps=10, log_every=5, progress=False, grad_accum=2)
-    single, _ = train(loss, build_optimizer(ocfg, params), params, _iterator(batch_size=16), cfg)
     mesh = make_mesh(spec)
-    sharded, _ = train(loss, build_optimizer(ocfg, params), params, _iterator(batch_size=16), cfg, mesh=mesh,
-                       model_config=CONFIG)
-    q = sharded.params["layers"]["attn"]["q"]
-    assert len({s.data.shape for s in q.addressable_shards}) == 1 and q.addressable_shards[0].data.shape != q.shape
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5),
-                 single.params, sharded.params)
+    for ocfg, compare_params in ((OptimConfig(optimizer="sgd", lr=0.5, weight_decay=0.0), True),
+                                 (OptimConfig(lr=1e-3, weight_decay=0.1), False)):
+        cfg = TrainConfig(steps=10, log_every=1, progress=False, grad_accum=2)
+        single, h1 = train(loss, build_optimizer(ocfg, params), params, _iterator(batch_size=16), cfg)
+        sharded, h2 = train(loss, build_optimizer(ocfg, params), params, _iterator(batch_size=16), cfg, mesh=mesh,
+                            model_config=CONFIG)
+        q = sharded.params["layers"]["attn"]["q"]
+        assert len({s.data.shape for s in q.addressable_shards}) == 1 and q.addressable_shards[0].data.shape != q.shape
+        np.testing.assert_allclose([r["loss"] for r in h2], [r["loss"] for r in h1], rtol=1e-5)
+        np.testing.assert_allclose([r["grad_norm"] for r in h2][:1], [r["grad_norm"] for r in h1][:1], rtol=1e-5)
+        if compare_params:
+            jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6),
+                         single.params, sharded.params)
 
 
 def test_sft_lowers_held_out_loss_and_logs(tmp_path):

@@ -30,6 +30,7 @@ backward recomputes each chunk's logits instead of storing them. ``remat`` (ever
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, NamedTuple
 
@@ -146,13 +147,15 @@ def example_mean(x: jax.Array, batch: Batch) -> jax.Array:
 
 def add_loss_normalizers(micro_batches: Mapping[str, Any]) -> dict[str, Any]:
     """For batches stacked ``[n_micro, B, T]``: add ``{p}loss_normalizer [n_micro]`` = total target tokens / n_micro
-    for every ``{p}loss_mask``, so averaging token-mean losses over micro-batches gives ``Σ NLL / Σ tokens``."""
+    for every ``{p}loss_mask``, so averaging token-mean losses over micro-batches gives ``Σ NLL / Σ tokens``.
+
+    Traceable: the train step calls it on the global (sharded) batch, so every host divides by the same count."""
     out = dict(micro_batches)
     for key, mask in micro_batches.items():
         if key.endswith("loss_mask"):
             n_micro = mask.shape[0]
-            total = np.asarray(mask)[:, :, 1:].astype(np.float32).sum()
-            out[key[: -len("loss_mask")] + "loss_normalizer"] = np.full((n_micro,), total / n_micro, np.float32)
+            total = jnp.sum(jnp.asarray(mask)[:, :, 1:].astype(jnp.float32))
+            out[key[: -len("loss_mask")] + "loss_normalizer"] = jnp.full((n_micro,), total / n_micro, jnp.float32)
     return out
 
 
@@ -529,23 +532,25 @@ def precompute_reference_logps(params: Params, config: LlamaConfig, batches: Ite
                                logits_chunk: int = LOGITS_CHUNK) -> list[dict[str, Any]]:
     """One jitted pass of the frozen reference over the data: each batch comes back with ``ref_{p}logps [B]``
     (summed log-probs, numpy float32) added for every group ``p`` in ``chosen_``, ``rejected_`` and ``""`` present.
-    """
+
+    Compiled once per batch shape (across calls too); the results stay on the device until the pass ends (one host
+    transfer, no per-batch sync)."""
     _check_chunk(logits_chunk)
-
-    @jax.jit
-    def seq_logps(p, tokens, loss_mask, attn, pos):
-        return _group_logps(p, tokens, loss_mask, attn, pos, config, lora_cfg, False, logits_chunk).logps
-
     out = []
     for batch in batches:
         new = dict(batch)
         for prefix in ("chosen_", "rejected_", ""):
             if prefix + "tokens" in batch:
                 tokens, attn, pos = _group_inputs(batch, prefix)
-                logps = seq_logps(params, tokens, batch[prefix + "loss_mask"], attn, pos)
-                new[f"ref_{prefix}logps"] = np.asarray(logps)
+                new[f"ref_{prefix}logps"] = _reference_logps(params, tokens, batch[prefix + "loss_mask"], attn, pos,
+                                                             config, lora_cfg, logits_chunk)
         out.append(new)
-    return out
+    return jax.tree.map(np.asarray, jax.device_get(out))
+
+
+@functools.partial(jax.jit, static_argnums=(5, 6, 7))
+def _reference_logps(params, tokens, loss_mask, attn, pos, config, lora_cfg, logits_chunk) -> jax.Array:
+    return _group_logps(params, tokens, loss_mask, attn, pos, config, lora_cfg, False, logits_chunk).logps
 
 
 LOSSES: dict[str, Callable[..., LossFn]] = {

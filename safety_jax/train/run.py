@@ -139,14 +139,18 @@ def _type_ok(value: Any, hint: Any) -> bool:
     return True
 
 
+def _type_name(hint: Any) -> str:
+    return hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")
+
+
 def check_field_types(obj: Any, where: str) -> None:
     """Raise :class:`ConfigError` naming the first field of a dataclass whose value does not fit its annotation."""
     hints = typing.get_type_hints(type(obj))
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
         if not _type_ok(value, hints[f.name]):
-            hint = str(hints[f.name]).replace("typing.", "")
-            raise ConfigError(f"{where}: {f.name}={value!r} ({type(value).__name__}) is not a valid {hint}")
+            raise ConfigError(f"{where}: {f.name}={value!r} ({type(value).__name__}) is not a valid "
+                              f"{_type_name(hints[f.name])}")
 
 
 def _check_loss_options(method: str, options: dict) -> None:
@@ -237,7 +241,7 @@ def _sub(cls: type, fields: dict | None, what: str, **extra: Any) -> Any:
     for k, v in fields.items():  # before the constructor, so its own checks see well-typed values
         if not _type_ok(v, hints[k]):
             raise ConfigError(f"run config: {what}.{k}={v!r} ({type(v).__name__}) is not a valid "
-                              f"{str(hints[k]).replace('typing.', '')}")
+                              f"{_type_name(hints[k])}")
     try:
         return cls(**fields)
     except ConfigError:
@@ -271,12 +275,12 @@ def _check_vocab(tokenizer: Any, vocab_size: int) -> None:
 
 
 def _attach_reference(examples: list[dict], params: Any, config: Any, lora_cfg: LoraConfig | None, prefixes,
-                      batch_size: int, buckets: tuple[int, ...], pad_id: int) -> list[dict]:
+                      batch_size: int, buckets: tuple[int, ...], pad_id: int, chunk: dict) -> list[dict]:
     """Each example gains ``ref_{p}logps`` (its summed log-prob under the frozen reference) for every group ``p``."""
     batches = BatchIterator(examples, batch_size, buckets, shuffle=False, drop_last=False, num_epochs=1,
                             pad_id=pad_id)
     out, i = [dict(ex) for ex in examples], 0
-    for batch in precompute_reference_logps(params, config, batches, lora_cfg=lora_cfg):
+    for batch in precompute_reference_logps(params, config, batches, lora_cfg=lora_cfg, **chunk):
         rows = int(np.sum(batch["example_mask"]))
         for p in prefixes:
             for r in range(rows):
@@ -341,9 +345,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     buckets = default_buckets(data_cfg.max_length)
     eval_examples = load_examples(eval_cfg, tokenizer) if eval_cfg is not None else None
 
-    loss_kwargs = dict(cfg.loss)
-    if train_cfg.remat != "none":
-        loss_kwargs["remat"] = train_cfg.remat
+    loss_kwargs = {**cfg.loss, "remat": train_cfg.remat}
     if lora_cfg is not None:
         loss_kwargs["lora_cfg"] = lora_cfg
         params = combine(params, init_lora(config, lora_cfg, jax.random.key(cfg.seed + 1)))
@@ -352,10 +354,12 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     aux = None
     if cfg.method in PRECOMPUTED_REFERENCE and cfg.precompute_reference:
         prefixes = PRECOMPUTED_REFERENCE[cfg.method]
-        examples = _attach_reference(examples, base, config, lora_cfg, prefixes, cfg.batch_size, buckets, pad_id)
+        chunk = {"logits_chunk": cfg.loss["logits_chunk"]} if "logits_chunk" in cfg.loss else {}
+        examples = _attach_reference(examples, base, config, lora_cfg, prefixes, cfg.batch_size, buckets, pad_id,
+                                     chunk)
         if eval_examples is not None:
             eval_examples = _attach_reference(eval_examples, base, config, lora_cfg, prefixes, cfg.batch_size,
-                                              buckets, pad_id)
+                                              buckets, pad_id, chunk)
     elif cfg.method in PRECOMPUTED_REFERENCE:
         # full fine-tuning trains `params` in place, so the reference needs its own copy; a LoRA base is shared
         aux = {"ref_params": base if lora_cfg is not None else jax.tree.map(lambda x: x.copy(), base)}

@@ -35,14 +35,14 @@ import optax
 from flax import struct
 
 from safety_jax.errors import ConfigError, DataError, NonFiniteError
-from safety_jax.train.losses import LossFn
+from safety_jax.model.llama import REMAT_POLICIES
+from safety_jax.train.losses import LossFn, add_loss_normalizers
 from safety_jax.train.optim import last_grad_norm, merge_params
 
 log = logging.getLogger(__name__)
 Batch = Mapping[str, Any]
 
 MATMUL_PRECISIONS = ("default", "high", "highest", "bfloat16", "tensorfloat32", "float32")
-REMAT_POLICIES = ("none", "dots_saveable", "full")
 RESUME_MODES = ("auto", "force", "never")
 # TrainConfig fields that may change between a run and its resumption (they change no number the run computes).
 RESUMABLE_FIELDS = ("steps", "log_every", "eval_every", "save_every", "keep_checkpoints", "progress", "resume")
@@ -123,29 +123,18 @@ def stack_micro_batches(batch: Batch, grad_accum: int) -> dict[str, Any]:
     return out
 
 
-def _loss_normalizers(batch: Batch) -> dict[str, jax.Array]:
-    """``{p}loss_normalizer [n_micro]`` = the step's target tokens / n_micro for every ``{p}loss_mask``, so averaging
-    token-mean losses over micro-batches gives ``Σ NLL / Σ tokens`` (computed on the global batch, all hosts)."""
-    out = {}
-    for key, mask in batch.items():
-        if key.endswith("loss_mask"):
-            n_micro = mask.shape[0]
-            total = jnp.sum(mask[:, :, 1:].astype(jnp.float32))
-            out[key[: -len("loss_mask")] + "loss_normalizer"] = jnp.full((n_micro,), total / n_micro, jnp.float32)
-    return out
-
-
 def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *, state_shardings: Any = None,
                     donate: bool = True, matmul_precision: str | None = None) -> Callable:
     """``step(state, batch, aux, frozen) -> (state, metrics)``, jitted once per batch shape.
 
     batch: arrays stacked ``[n_micro, micro_batch, ...]``; the loss and gradients are the mean over micro-batches
-    (token means normalised over the whole step, see :func:`_loss_normalizers`). frozen: the weights cut out of
+    (token means normalised over the whole step: ``losses.add_loss_normalizers``). frozen: the weights cut out of
     ``state.params`` (``optim.split_trainable``), or ``None``. ``metrics["grad_norm"]`` is the norm clipping used.
     """
-    def step(state: TrainState, batch: Batch, aux: Any = None, frozen: Any = None) -> tuple[TrainState, dict[str, jax.Array]]:
+    def step(state: TrainState, batch: Batch, aux: Any = None,
+             frozen: Any = None) -> tuple[TrainState, dict[str, jax.Array]]:
         n_micro = jax.tree.leaves(batch)[0].shape[0]
-        batch = {**batch, **_loss_normalizers(batch)}
+        batch = add_loss_normalizers(batch)
         step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
         batch["dropout_rng"] = jax.random.key_data(jax.random.split(step_key, n_micro))
         grad_fn = jax.value_and_grad(lambda tr, mb: loss_fn(merge_params(tr, frozen), mb, aux), has_aux=True)
