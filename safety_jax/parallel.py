@@ -30,6 +30,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from safety_jax.model.config import LlamaConfig
 from safety_jax.model.llama import LAYER_WEIGHTS, Params, forward, param_logical_axes, param_shapes
+from safety_jax.model.sharding import Constrain, use_activation_sharding
 
 logger = logging.getLogger(__name__)
 
@@ -288,6 +289,17 @@ def shard_batch(batch: Any, mesh: Mesh, strategy: str = "auto") -> Any:
     return jax.tree.map(put, batch)
 
 
+def activation_constraint(mesh: Mesh, strategy: str = "auto") -> Constrain:
+    """The ``model.sharding`` constraint for ``strategy`` on ``mesh``: each activation's logical axes through the
+    rules table (a dim its mesh axes do not divide stays replicated)."""
+    rules = rules_for(strategy, mesh)
+
+    def fn(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
+        return jax.lax.with_sharding_constraint(x, _named(mesh, axes, rules, x.shape))
+
+    return fn
+
+
 # ---------------------------------------------------------------------------------------------------- forward
 def sharded_forward(config: LlamaConfig, mesh: Mesh, strategy: str = "auto", **forward_kwargs: Any) -> Callable:
     """``llama.forward`` jitted with params on ``strategy``'s shardings and batch inputs split along batch.
@@ -303,9 +315,12 @@ def sharded_forward(config: LlamaConfig, mesh: Mesh, strategy: str = "auto", **f
     capture = (capture,) if isinstance(capture, str) else tuple(capture or ())
     jitted: dict[Any, Callable] = {}
 
+    constraint = activation_constraint(mesh, strategy)
+
     def run(params, tokens, attention_mask, positions, lora):
-        return forward(params, tokens, config, attention_mask=attention_mask, positions=positions, lora=lora,
-                       **forward_kwargs)
+        with use_activation_sharding(constraint):
+            return forward(params, tokens, config, attention_mask=attention_mask, positions=positions, lora=lora,
+                           **forward_kwargs)
 
     def build(tokens_shape: tuple[int, ...], has_mask: bool, has_pos: bool, lora: Any) -> Callable:
         b, t = tokens_shape
@@ -333,6 +348,7 @@ def sharded_forward(config: LlamaConfig, mesh: Mesh, strategy: str = "auto", **f
     return fn
 
 
-__all__ = ["LOGICAL_AXES", "MESH_AXES", "STRATEGY_RULES", "batch_sharding", "initialize_distributed",
-           "logical_to_spec", "make_mesh", "mesh_context", "param_sharding_fn", "param_shardings", "parse_mesh_spec",
-           "rules_for", "shard_batch", "shard_params", "sharded_forward", "tree_shardings_for"]
+__all__ = ["LOGICAL_AXES", "MESH_AXES", "STRATEGY_RULES", "activation_constraint", "batch_sharding",
+           "initialize_distributed", "logical_to_spec", "make_mesh", "mesh_context", "param_sharding_fn",
+           "param_shardings", "parse_mesh_spec", "rules_for", "shard_batch", "shard_params", "sharded_forward",
+           "tree_shardings_for"]

@@ -31,6 +31,7 @@ import numpy as np
 from safety_jax.model.attention import attention
 from safety_jax.model.config import LlamaConfig
 from safety_jax.model.interventions import Intervention, apply_interventions
+from safety_jax.model.sharding import constrain
 
 Params = dict[str, Any]
 
@@ -59,6 +60,11 @@ LAYER_WEIGHTS: dict[str, tuple[str, ...]] = {
     "mlp.up": ("embed", "mlp"),
     "mlp.down": ("mlp", "embed"),
 }
+# Logical axes of the activations the model pins to the mesh (``model.sharding.constrain``).
+ACT_EMBED = ("batch", "seq", None)
+ACT_MLP = ("batch", "seq", "mlp")
+ACT_HEADS = ("batch", "seq", "heads", None)
+ACT_KV = ("batch", "seq", "kv_heads", None)
 LINEAR_MODULES = ("attn.q", "attn.k", "attn.v", "attn.o", "mlp.gate", "mlp.up", "mlp.down")
 
 # ``remat=`` names: what each decoder block keeps for the backward pass (the rest is recomputed).
@@ -248,7 +254,7 @@ def _decoder(params: Params, tokens: jax.Array, config: LlamaConfig, *, position
             if name in capture:
                 caps[name] = _gather_positions(value, capture_positions)
 
-        x = apply_interventions(x, ivp, "resid_pre")
+        x = constrain(apply_interventions(x, ivp, "resid_pre"), ACT_EMBED)
         keep("resid_pre", x)
         h = rms_norm(x, w["attn_norm"], eps)
         keep("attn_in", h)
@@ -256,7 +262,8 @@ def _decoder(params: Params, tokens: jax.Array, config: LlamaConfig, *, position
         q = _linear(h, w["attn"]["q"], "btd,dnh->btnh", la.get("q"), lora_scale, drop(0))
         k = _linear(h, w["attn"]["k"], "btd,dkh->btkh", la.get("k"), lora_scale, drop(1))
         v = _linear(h, w["attn"]["v"], "btd,dkh->btkh", la.get("v"), lora_scale, drop(2))
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = constrain(apply_rope(q, cos, sin), ACT_HEADS), constrain(apply_rope(k, cos, sin), ACT_KV)
+        v = constrain(v, ACT_KV)
         new_cache = None
         if layer_cache is not None:
             start = layer_cache["index"]
@@ -276,12 +283,13 @@ def _decoder(params: Params, tokens: jax.Array, config: LlamaConfig, *, position
         lm = lw.get("mlp", {})
         gate = _linear(h, w["mlp"]["gate"], "btd,df->btf", lm.get("gate"), lora_scale, drop(4))
         up = _linear(h, w["mlp"]["up"], "btd,df->btf", lm.get("up"), lora_scale, drop(5))
+        gate, up = constrain(gate, ACT_MLP), constrain(up, ACT_MLP)
         hidden = jax.nn.silu(gate) * up
         keep("mlp_hidden", hidden)
         mlp_out = _linear(hidden, w["mlp"]["down"], "btf,fd->btd", lm.get("down"), lora_scale, drop(6))
         mlp_out = apply_interventions(mlp_out, ivp, "mlp_out")
         keep("mlp_out", mlp_out)
-        x = x + mlp_out
+        x = constrain(x + mlp_out, ACT_EMBED)
         x = apply_interventions(x, ivp, "resid_post")
         keep("resid_post", x)
         return x, (caps, new_cache)

@@ -26,7 +26,7 @@ from safety_jax.errors import ConfigError
 from safety_jax.model.config import LlamaConfig, get_preset
 from safety_jax.model.llama import param_shapes
 from safety_jax.model.lora import LoraConfig, combine, init_lora, split
-from safety_jax.parallel import batch_sharding, make_mesh, tree_shardings_for
+from safety_jax.parallel import activation_constraint, batch_sharding, make_mesh, tree_shardings_for
 from safety_jax.train.losses import make_loss
 from safety_jax.train.optim import OptimConfig, build_optimizer, split_trainable
 from safety_jax.train.run import PRECOMPUTED_REFERENCE, PREFERENCE_METHODS, RunConfig, _checkpoint_dtype, _sub
@@ -298,7 +298,8 @@ def plan_step(cfg: RunConfig, *, batch_size: int | None = None, seq_len: int | N
     xla = None
     if compile:
         step = make_train_step(loss_fn, optimizer, state_shardings=state_sh,
-                               matmul_precision=train_cfg.matmul_precision)
+                               matmul_precision=train_cfg.matmul_precision,
+                               activation_sharding=activation_constraint(mesh, cfg.strategy))
         xla = memory_stats(step.lower(state, batch, aux, frozen).compile())
 
     return StepPlan(model=name, num_params=config.num_params(), method=cfg.method, lora=_lora_name(lora_cfg),

@@ -20,6 +20,7 @@ step twice.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -36,6 +37,7 @@ from flax import struct
 
 from safety_jax.errors import ConfigError, DataError, NonFiniteError
 from safety_jax.model.llama import REMAT_POLICIES
+from safety_jax.model.sharding import Constrain, use_activation_sharding
 from safety_jax.train.losses import LossFn, add_loss_normalizers
 from safety_jax.train.optim import last_grad_norm, merge_params
 
@@ -124,12 +126,14 @@ def stack_micro_batches(batch: Batch, grad_accum: int) -> dict[str, Any]:
 
 
 def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *, state_shardings: Any = None,
-                    donate: bool = True, matmul_precision: str | None = None) -> Callable:
+                    donate: bool = True, matmul_precision: str | None = None,
+                    activation_sharding: Constrain | None = None) -> Callable:
     """``step(state, batch, aux, frozen) -> (state, metrics)``, jitted once per batch shape.
 
     batch: arrays stacked ``[n_micro, micro_batch, ...]``; the loss and gradients are the mean over micro-batches
     (token means normalised over the whole step: ``losses.add_loss_normalizers``). frozen: the weights cut out of
     ``state.params`` (``optim.split_trainable``), or ``None``. ``metrics["grad_norm"]`` is the norm clipping used.
+    activation_sharding: the mesh constraint of the model's activations (``parallel.activation_constraint``).
     """
     def step(state: TrainState, batch: Batch, aux: Any = None,
              frozen: Any = None) -> tuple[TrainState, dict[str, jax.Array]]:
@@ -166,21 +170,15 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
     kwargs: dict[str, Any] = {"donate_argnums": (0,) if donate else ()}
     if state_shardings is not None:
         kwargs["out_shardings"] = (state_shardings, None)
-    jitted = jax.jit(step, **kwargs)
-    if matmul_precision is None:
-        return jitted
 
-    def with_precision(*args: Any) -> Any:
-        with jax.default_matmul_precision(matmul_precision):
-            return jitted(*args)
+    def traced(*args: Any) -> Any:  # the settings that shape what is traced: matmul precision, activation sharding
+        with contextlib.ExitStack() as stack:
+            if matmul_precision is not None:
+                stack.enter_context(jax.default_matmul_precision(matmul_precision))
+            stack.enter_context(use_activation_sharding(activation_sharding))
+            return step(*args)
 
-    with_precision.lower = lambda *a: _lower_with_precision(jitted, matmul_precision, *a)
-    return with_precision
-
-
-def _lower_with_precision(jitted: Any, precision: str, *args: Any) -> Any:
-    with jax.default_matmul_precision(precision):
-        return jitted.lower(*args)
+    return jax.jit(traced, **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------------- logging
@@ -270,10 +268,11 @@ def train(loss_fn: LossFn, optimizer: optax.GradientTransformation, params: Any,
         trainable = params if donate_params else jax.tree.map(jnp.array, params)
         warn_low_precision_masters(trainable)
         state = TrainState.create(trainable, optimizer, cfg.seed)
-    state_sh = batch_axes = None
+    state_sh = batch_axes = constraint = None
     if mesh is not None:
-        from safety_jax.parallel import batch_sharding, tree_shardings_for
+        from safety_jax.parallel import activation_constraint, batch_sharding, tree_shardings_for
 
+        constraint = activation_constraint(mesh, strategy)
         state_sh = tree_shardings_for(state, model_config, mesh, strategy)
         state = jax.device_put(state, state_sh)
         if frozen is not None:
@@ -297,7 +296,8 @@ def train(loss_fn: LossFn, optimizer: optax.GradientTransformation, params: Any,
                 batches.restore(data_pos)
             resume_step = int(state.step)
             log.info("resumed from step %d", resume_step)
-    step_fn = make_train_step(loss_fn, optimizer, state_shardings=state_sh, matmul_precision=cfg.matmul_precision)
+    step_fn = make_train_step(loss_fn, optimizer, state_shardings=state_sh, matmul_precision=cfg.matmul_precision,
+                              activation_sharding=constraint)
     logger = MetricsLogger(out_dir, resume_step=resume_step)
     history: list[dict[str, float]] = []
     it: Iterator = iter(batches)
