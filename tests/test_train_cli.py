@@ -100,10 +100,27 @@ def test_dpo_from_cli_separates_training_pairs(workspace):
     _train(workspace, "method=dpo", f"model={workspace / 'model'}", f"out={out}", "data.path=train.jsonl",
            "data.kind=preference", "data.template=none", "data.max_length=64", "batch_size=16", "loss.beta=0.1",
            "optim.lr=2e-3", "optim.weight_decay=0.0", "train.steps=60", "train.log_every=10",
-           "train.progress=false")
-    rows = [r for r in _metrics(out / "metrics.jsonl") if "train/rewards/accuracies" in r]
-    assert rows[-1]["train/rewards/accuracies"] > 0.9, rows[-1]
-    assert rows[-1]["train/rewards/margins"] > rows[0]["train/rewards/margins"]
+           "train.progress=false", "eval_data.path=held_out.jsonl", "eval_data.kind=preference",
+           "eval_data.template=none", "eval_data.max_length=64")
+    rows = _metrics(out / "metrics.jsonl")
+    train_rows = [r for r in rows if "train/rewards/accuracies" in r]
+    assert train_rows[-1]["train/rewards/accuracies"] > 0.9, train_rows[-1]
+    assert train_rows[-1]["train/rewards/margins"] > train_rows[0]["train/rewards/margins"]
+    evals = [r for r in rows if "eval/loss" in r]  # the reference log-probs reach the held-out loss
+    assert len(evals) == 1 and evals[0]["step"] == 60 and evals[0]["eval/loss"] < np.log(2)
+
+
+@pytest.mark.parametrize("method", ["npo", "dpo"])
+def test_reference_methods_evaluate_with_reference_params(workspace, method):
+    out = workspace / f"{method}_ref_params"
+    kind = "preference" if method == "dpo" else "prompt_completion"
+    _train(workspace, f"method={method}", f"model={workspace / 'model'}", f"out={out}", "data.path=train.jsonl",
+           f"data.kind={kind}", "data.template=none", "data.max_length=64", "batch_size=16",
+           "precompute_reference=false", "train.steps=4", "train.eval_every=2", "train.progress=false",
+           "eval_data.path=held_out.jsonl", f"eval_data.kind={kind}", "eval_data.template=none",
+           "eval_data.max_length=64")
+    evals = [r["eval/loss"] for r in _metrics(out / "metrics.jsonl") if "eval/loss" in r]
+    assert len(evals) == 2 and np.all(np.isfinite(evals))
 
 
 def test_run_config_errors_name_the_key(tmp_path):
@@ -111,3 +128,19 @@ def test_run_config_errors_name_the_key(tmp_path):
         load_run_config(None, ["modle=x"])
     with pytest.raises(ValueError, match="method"):
         load_run_config(None, ["method=sgd", "preset=tiny"])
+
+
+def test_precomputed_reference_log_probs_train_like_the_reference_params(workspace):
+    from safety_jax.train.run import run
+
+    losses = {}
+    for pre in (True, False):
+        out = workspace / f"dpo_pre_{pre}"
+        run(load_run_config(None, [
+            "method=dpo", f"model={workspace / 'model'}", f"out={out}", f"data.path={workspace / 'train.jsonl'}",
+            "data.kind=preference", "data.template=none", "data.max_length=64", "batch_size=16", "optim.lr=2e-3",
+            f"precompute_reference={str(pre).lower()}", "train.steps=4", "train.log_every=1", "train.progress=false",
+            "train.matmul_precision=highest"]))
+        losses[pre] = [r["train/loss"] for r in _metrics(out / "metrics.jsonl")]
+    assert abs(losses[True][0] - np.log(2)) < 1e-6  # policy = reference at step 1
+    np.testing.assert_allclose(losses[True], losses[False], rtol=1e-5)
