@@ -22,10 +22,11 @@ that the average over micro-batches is ``Σ NLL / Σ tokens`` (TRL/HF's fix for 
 LoRA: when ``params`` carries adapters under ``"lora"`` (``safety_jax.model.lora.combine``), pass the factory
 ``lora_cfg`` for the scale.
 
-Memory: no loss materialises the [B, T, V] float32 logits. The model returns its final hidden states and
-:func:`sequence_logps` applies the head ``logits_chunk`` tokens at a time inside a checkpointed ``lax.map``, so the
-backward recomputes each chunk's logits instead of storing them. ``remat`` (every factory) is a name from
-``safety_jax.model.llama.REMAT_POLICIES`` (``True`` / ``False`` = ``"full"`` / ``"none"``).
+Memory: no loss materialises more than one chunk of [B, T, V] float32 logits. The model returns its final hidden
+states and :func:`sequence_logps` applies the head ``logits_chunk`` tokens at a time (default: as many as fit
+``LOGITS_CHUNK_BYTES``); with several chunks each runs inside a checkpointed ``lax.map``, so the backward recomputes
+its logits instead of storing them all, and a batch that fits one chunk is not recomputed. ``remat`` (every factory)
+is a name from ``safety_jax.model.llama.REMAT_POLICIES`` (``True`` / ``False`` = ``"full"`` / ``"none"``).
 """
 
 from __future__ import annotations
@@ -48,9 +49,14 @@ LossFn = Callable[[Params, Batch, Mapping[str, Any] | None], tuple[jax.Array, Me
 
 DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo")
 LENGTH_NORMS = ("none", "tokens", "full")
-# Tokens per head chunk: 1024 × 128256 (Llama-3) × 4 B ≈ 525 MB of float32 logits at a time (counted over the
-# global batch, so each data-parallel device holds its share).
-LOGITS_CHUNK = 1024
+# Float32 logits alive at a time (counted over the global batch, so each data-parallel device holds its share):
+# 2048 tokens at V = 32000, 523 at Llama-3's 128256.
+LOGITS_CHUNK_BYTES = 256 << 20
+
+
+def default_logits_chunk(vocab_size: int) -> int:
+    """Tokens per head chunk that keep one chunk's float32 logits within ``LOGITS_CHUNK_BYTES``."""
+    return max(1, LOGITS_CHUNK_BYTES // (4 * vocab_size))
 
 
 # ---------------------------------------------------------------------------------------------------- log-probs
@@ -95,14 +101,16 @@ class SequenceLogps(NamedTuple):
 
 
 def sequence_logps(params: Params, hidden: jax.Array, tokens: jax.Array, loss_mask: jax.Array,
-                   config: LlamaConfig, *, chunk: int = LOGITS_CHUNK) -> SequenceLogps:
+                   config: LlamaConfig, *, chunk: int | None = None) -> SequenceLogps:
     """Target log-probs, the mean logit and the argmax hits of every sequence in one pass over the head, ``chunk``
     tokens (about ``B × chunk // B``, whole rows of a sequence slice so batch sharding is kept) at a time.
 
     params: base params holding ``lm_head`` (or the tied ``embed``); hidden: [B, T, D] final normed hidden states
-    (``forward(..., return_hidden=True)``); tokens, loss_mask: [B, T]. Each chunk's logits are recomputed in the
+    (``forward(..., return_hidden=True)``); tokens, loss_mask: [B, T]; chunk: tokens per chunk (None: the
+    :func:`default_logits_chunk` of the vocabulary). With several chunks each one's logits are recomputed in the
     backward, so at most one chunk of [B, ·, V] float32 logits is alive at a time.
     """
+    chunk = default_logits_chunk(config.vocab_size) if chunk is None else chunk
     b, t = tokens.shape
     d = hidden.shape[-1]
     n = -(-t // max(1, chunk // b))  # the fewest chunks of at most max(1, chunk // B) positions
@@ -113,12 +121,12 @@ def sequence_logps(params: Params, hidden: jax.Array, tokens: jax.Array, loss_ma
     h = h.reshape(b, n, tc, d).swapaxes(0, 1)
     targets = targets.reshape(b, n, tc).swapaxes(0, 1)
 
-    @jax.checkpoint
     def one_chunk(xs: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array, jax.Array]:
         hc, yc = xs
         return _logit_stats(logits_from_hidden(params, hc, config), yc)
 
-    stats = jax.lax.map(one_chunk, (h, targets))  # each [n, B, tc]
+    # One chunk: its logits are the whole (bounded) buffer, kept for the backward instead of recomputed.
+    stats = jax.lax.map(jax.checkpoint(one_chunk) if n > 1 else one_chunk, (h, targets))  # each [n, B, tc]
     lp, mean, hit = (jnp.pad(x.swapaxes(0, 1).reshape(b, n * tc)[:, : t - 1], ((0, 0), (1, 0))) for x in stats)
     m = target_mask(loss_mask)
     return SequenceLogps(jnp.sum(lp * m, axis=-1), jnp.sum(m, axis=-1), jnp.sum(mean * m, axis=-1),
@@ -170,7 +178,9 @@ def _group_inputs(batch: Batch, prefix: str) -> tuple[jax.Array, jax.Array | Non
     return batch[prefix + "tokens"], batch.get(prefix + "attention_mask"), batch.get(prefix + "positions")
 
 
-def _check_chunk(logits_chunk: int) -> None:
+def _check_chunk(logits_chunk: int | None) -> None:
+    if logits_chunk is None:
+        return
     if isinstance(logits_chunk, bool) or not isinstance(logits_chunk, int) or logits_chunk < 1:
         raise ValueError(f"logits_chunk={logits_chunk!r} must be a positive integer (tokens per head chunk)")
 
@@ -236,7 +246,7 @@ def _token_nll(params: Params, batch: Batch, prefix: str, config, lora_cfg, rema
 
 
 def make_sft_loss(config: LlamaConfig, *, lora_cfg: LoraConfig | None = None, remat: bool | str = False,
-                  logits_chunk: int = LOGITS_CHUNK) -> LossFn:
+                  logits_chunk: int | None = None) -> LossFn:
     """SFT: mean token cross-entropy over completion tokens, ``−Σ_t m_t log p(x_t | x_<t) / Σ_t m_t``.
 
     Batch: ``tokens``, ``loss_mask`` (+ ``attention_mask``, ``positions``, ``loss_normalizer``)."""
@@ -252,7 +262,7 @@ def make_sft_loss(config: LlamaConfig, *, lora_cfg: LoraConfig | None = None, re
 
 def make_gradient_ascent_loss(config: LlamaConfig, *, forget_weight: float = 1.0, retain_weight: float = 0.0,
                               lora_cfg: LoraConfig | None = None, remat: bool | str = False,
-                              logits_chunk: int = LOGITS_CHUNK) -> LossFn:
+                              logits_chunk: int | None = None) -> LossFn:
     """Gradient ascent / difference (open-unlearning GradAscent, GradDiff): ``−γ·NLL(forget) + α·NLL(retain)``, both
     mean token NLL; γ = ``forget_weight``, α = ``retain_weight`` (0: pure gradient ascent, no retain data needed).
 
@@ -275,7 +285,7 @@ def make_gradient_ascent_loss(config: LlamaConfig, *, forget_weight: float = 1.0
 
 def make_gradient_difference_loss(config: LlamaConfig, *, forget_weight: float = 1.0, retain_weight: float = 1.0,
                                   lora_cfg: LoraConfig | None = None, remat: bool | str = False,
-                                  logits_chunk: int = LOGITS_CHUNK) -> LossFn:
+                                  logits_chunk: int | None = None) -> LossFn:
     """Gradient difference: :func:`make_gradient_ascent_loss` with a retain term (open-unlearning γ = α = 1)."""
     return make_gradient_ascent_loss(config, forget_weight=forget_weight, retain_weight=retain_weight,
                                      lora_cfg=lora_cfg, remat=remat, logits_chunk=logits_chunk)
@@ -330,7 +340,7 @@ def _pair_ref_logps(batch, aux, config, lora_cfg, remat, chunk) -> tuple[jax.Arr
 def make_dpo_loss(config: LlamaConfig, *, beta: float = 0.1, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
                   beta_rejected: float | None = None, length_norm: str | None = None, rpo_alpha: float = 0.0,
                   lora_cfg: LoraConfig | None = None, remat: bool | str = False,
-                  logits_chunk: int = LOGITS_CHUNK) -> LossFn:
+                  logits_chunk: int | None = None) -> LossFn:
     """DPO with TRL's loss types and metric names (see :func:`dpo_loss_from_logps`).
 
     rpo_alpha: TRL's ``rpo_alpha`` (Pang et al. 2024, RPO): adds ``α · NLL(chosen)``, the chosen completion's token
@@ -386,7 +396,7 @@ def make_dpo_loss(config: LlamaConfig, *, beta: float = 0.1, loss_type: str = "s
 
 def make_synthetic_dpo_loss(config: LlamaConfig, *, beta_chosen: float = 0.1, beta_rejected: float = 0.01,
                             lora_cfg: LoraConfig | None = None, remat: bool | str = False,
-                            logits_chunk: int = LOGITS_CHUNK) -> LossFn:
+                            logits_chunk: int | None = None) -> LossFn:
     """The synthetic study's DPO (Jain et al. 2024, ``dpo/trainer_dpo.py``): ``−log σ(β_w·r_w − β_l·r_l)`` with
     ``r = (log π − log π_ref) / (T−1)``, the summed log-likelihood over the full target length."""
     return make_dpo_loss(config, beta=beta_chosen, beta_rejected=beta_rejected, loss_type="sigmoid",
@@ -402,7 +412,7 @@ def npo_loss_from_nll(nll: jax.Array, ref_nll: jax.Array, *, beta: float) -> jax
 
 def make_npo_loss(config: LlamaConfig, *, beta: float = 0.1, forget_weight: float = 1.0, retain_weight: float = 0.0,
                   lora_cfg: LoraConfig | None = None, remat: bool | str = False,
-                  logits_chunk: int = LOGITS_CHUNK) -> LossFn:
+                  logits_chunk: int | None = None) -> LossFn:
     """NPO on the forget set (mean over sequences), optionally ``+ α·NLL(retain)`` (NPO+RT; open-unlearning α = 1).
 
     Batch: ``tokens``, ``loss_mask`` (+ …) of the forget set; ``ref_logps`` [B] or aux ``ref_params``; retain group
@@ -466,7 +476,7 @@ def layer_activations(params: Params, batch: Batch, prefix: str, layer: int, con
 
 def make_rmu_loss(config: LlamaConfig, *, layer: int = 7, steering_coeff: float = 20.0, alpha: float = 100.0,
                   seed: int = 0, control_vector: np.ndarray | None = None, lora_cfg: LoraConfig | None = None,
-                  remat: bool | str = False, logits_chunk: int = LOGITS_CHUNK) -> LossFn:
+                  remat: bool | str = False, logits_chunk: int | None = None) -> LossFn:
     """RMU (Li et al. 2024, WMDP; open-unlearning masking): at ``layer``'s output,
     ``MSE(h_θ(forget), c·u/‖u‖) + α·MSE(h_θ(retain), h_frozen(retain))``, each over the ``loss_mask`` positions.
 
@@ -507,7 +517,7 @@ def make_rmu_loss(config: LlamaConfig, *, layer: int = 7, steering_coeff: float 
 # -------------------------------------------------------------------------------------------- synthetic unlearning
 def make_synthetic_unlearning_loss(config: LlamaConfig, *, chosen_weight: float = 1.0, rejected_weight: float = 0.1,
                                    lora_cfg: LoraConfig | None = None, remat: bool | str = False,
-                                   logits_chunk: int = LOGITS_CHUNK) -> LossFn:
+                                   logits_chunk: int | None = None) -> LossFn:
     """The synthetic study's unlearning (Jain et al. 2024, ``unlearn/trainer_unlearn.py``):
     ``mean_b [w_c·ℓ(chosen) − w_r·ℓ(rejected)]``, ℓ = summed completion NLL / (T−1), w_c = 1, w_r = 0.1.
 
@@ -529,7 +539,7 @@ def make_synthetic_unlearning_loss(config: LlamaConfig, *, chosen_weight: float 
 # ---------------------------------------------------------------------------------------------------- reference pass
 def precompute_reference_logps(params: Params, config: LlamaConfig, batches: Iterable[Batch], *,
                                lora_cfg: LoraConfig | None = None,
-                               logits_chunk: int = LOGITS_CHUNK) -> list[dict[str, Any]]:
+                               logits_chunk: int | None = None) -> list[dict[str, Any]]:
     """One jitted pass of the frozen reference over the data: each batch comes back with ``ref_{p}logps [B]``
     (summed log-probs, numpy float32) added for every group ``p`` in ``chosen_``, ``rejected_`` and ``""`` present.
 

@@ -8,9 +8,10 @@ no weight-gradient matmul, accumulator or norm term for them. Master params keep
 default) while ``config.compute_dtype`` sets the matmul dtype inside the model (mixed precision as in MaxText and
 Levanter); ``TrainConfig.matmul_precision`` sets XLA's matmul precision.
 
-A step whose loss or gradient norm is not finite leaves params and optimizer state unchanged and records its number in
-``state.nonfinite_step``; the loop checks it whenever it syncs with the host (logging, checkpointing, evaluation) and
-stops with :class:`~safety_jax.errors.NonFiniteError` before anything is written, so no checkpoint holds NaN params.
+A step whose loss or gradient is not finite leaves the params unchanged (its gradients and update are zeroed; the
+optimizer's moments only decay) and records its number in ``state.nonfinite_step``; the loop checks it whenever it
+syncs with the host (logging, checkpointing, evaluation) and stops with :class:`~safety_jax.errors.NonFiniteError`
+before anything is written, so no checkpoint holds NaN params or comes from after the bad step.
 
 The loop logs metrics to JSONL and TensorBoard event files, shows a progress bar, runs eval callbacks, and saves
 orbax checkpoints (trainable params, optimizer state, step, RNG, data position and a fingerprint of the run's config)
@@ -154,17 +155,19 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
             grads, metrics = jax.lax.scan(micro, zeros, batch)
             grads = jax.tree.map(lambda g, p: (g / n_micro).astype(p.dtype), grads, state.params)
             metrics = jax.tree.map(lambda m: jnp.mean(m.astype(jnp.float32)), metrics)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
         metrics = {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
+        # A non-finite step changes no weight: its gradients and update are zeroed (a select fused into tensors the
+        # step writes anyway; keeping the old state beside the new one would cost a copy of it).
+        finite = jnp.isfinite(optax.global_norm(grads)) & jnp.isfinite(metrics.get("loss", 0.0))
+        zero_unless_finite = lambda tree: jax.tree.map(lambda x: jnp.where(finite, x, jnp.zeros_like(x)), tree)
+        updates, opt_state = optimizer.update(zero_unless_finite(grads), state.opt_state, state.params)
+        params = optax.apply_updates(state.params, zero_unless_finite(updates))
         recorded = last_grad_norm(opt_state)
         metrics["grad_norm"] = optax.global_norm(grads) if recorded is None else recorded
-        finite = jnp.isfinite(metrics["grad_norm"]) & jnp.isfinite(metrics.get("loss", 0.0))
-        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+        metrics["grad_norm"] = jnp.where(finite, metrics["grad_norm"], jnp.nan)
         first_bad = jnp.where((state.nonfinite_step == 0) & ~finite, state.step + 1, state.nonfinite_step)
         new_rng = jax.random.key_data(jax.random.split(jax.random.wrap_key_data(state.rng))[0])
-        return state.replace(step=state.step + 1, params=keep(params, state.params),
-                             opt_state=keep(opt_state, state.opt_state), rng=new_rng,
+        return state.replace(step=state.step + 1, params=params, opt_state=opt_state, rng=new_rng,
                              nonfinite_step=first_bad), metrics
 
     kwargs: dict[str, Any] = {"donate_argnums": (0,) if donate else ()}
