@@ -29,7 +29,7 @@ from safety_jax.model.lora import LoraConfig, combine, init_lora, split
 from safety_jax.parallel import activation_constraint, batch_sharding, make_mesh, tree_shardings_for
 from safety_jax.train.losses import make_loss
 from safety_jax.train.optim import OptimConfig, build_optimizer, split_trainable
-from safety_jax.train.run import PRECOMPUTED_REFERENCE, PREFERENCE_METHODS, RunConfig, _checkpoint_dtype, _sub
+from safety_jax.train.run import PRECOMPUTED_REFERENCE, PREFERENCE_METHODS, RunConfig, checkpoint_dtype, sub_config
 from safety_jax.train.trainer import TrainConfig, TrainState, make_train_step
 
 GIB = 1024**3
@@ -189,7 +189,7 @@ def model_config(cfg: RunConfig) -> tuple[LlamaConfig, str]:
     """The architecture (from ``config.json`` or the preset) with the run's dtypes, and a name for it."""
     if cfg.model is not None:
         config = LlamaConfig.from_hf_file(cfg.model, param_dtype=cfg.param_dtype)
-        compute = cfg.compute_dtype or _checkpoint_dtype(cfg.model) or "float32"
+        compute = cfg.compute_dtype or checkpoint_dtype(cfg.model) or "float32"
         name = cfg.model
     else:
         config = get_preset(cfg.preset, param_dtype=cfg.param_dtype)
@@ -236,10 +236,10 @@ def _lora_name(lora_cfg: LoraConfig | None) -> str | None:
 def plan_step(cfg: RunConfig, *, batch_size: int | None = None, seq_len: int | None = None,
               mesh_spec: str | None = None, compile: bool = True) -> StepPlan:
     """Plan one step of the run ``cfg`` (``batch_size``/``seq_len``/``mesh_spec`` override its own)."""
-    train_cfg = _sub(TrainConfig, cfg.train, "train", seed=cfg.seed)
-    optim_cfg = _sub(OptimConfig, cfg.optim, "optim", total_steps=train_cfg.steps)
-    data_cfg = _sub(DataConfig, {"path": "", **cfg.data}, "data")
-    lora_cfg = _sub(LoraConfig, cfg.lora, "lora") if cfg.lora is not None else None
+    train_cfg = sub_config(TrainConfig, cfg.train, "train", seed=cfg.seed)
+    optim_cfg = sub_config(OptimConfig, cfg.optim, "optim", total_steps=train_cfg.steps)
+    data_cfg = sub_config(DataConfig, {"path": "", **cfg.data}, "data")
+    lora_cfg = sub_config(LoraConfig, cfg.lora, "lora") if cfg.lora is not None else None
     batch_size = cfg.batch_size if batch_size is None else batch_size
     seq_len = data_cfg.max_length if seq_len is None else seq_len
     if batch_size < 1:

@@ -226,7 +226,7 @@ def load_run_config(path: str | None, overrides: list[str] = ()) -> RunConfig:
     return RunConfig(**raw)
 
 
-def _sub(cls: type, fields: dict | None, what: str, **extra: Any) -> Any:
+def sub_config(cls: type, fields: dict | None, what: str, **extra: Any) -> Any:
     """Build the sub-config ``cls`` from its YAML dict: unknown keys and mistyped values are errors naming them."""
     fields = dict(fields or {})
     names = {f.name for f in dataclasses.fields(cls)}
@@ -251,7 +251,7 @@ def _sub(cls: type, fields: dict | None, what: str, **extra: Any) -> Any:
 
 
 # ---------------------------------------------------------------------------------------------------- the run
-def _checkpoint_dtype(path: str) -> str | None:
+def checkpoint_dtype(path: str) -> str | None:
     import json
 
     config_file = os.path.join(path, "config.json")
@@ -308,11 +308,11 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     from safety_jax.parallel import initialize_distributed
 
     initialize_distributed()
-    train_cfg = _sub(TrainConfig, cfg.train, "train", seed=cfg.seed)
-    optim_cfg = _sub(OptimConfig, cfg.optim, "optim", total_steps=train_cfg.steps)
-    data_cfg = _sub(DataConfig, cfg.data, "data")
-    eval_cfg = _sub(DataConfig, cfg.eval_data, "eval_data") if cfg.eval_data is not None else None
-    lora_cfg = _sub(LoraConfig, cfg.lora, "lora") if cfg.lora is not None else None
+    train_cfg = sub_config(TrainConfig, cfg.train, "train", seed=cfg.seed)
+    optim_cfg = sub_config(OptimConfig, cfg.optim, "optim", total_steps=train_cfg.steps)
+    data_cfg = sub_config(DataConfig, cfg.data, "data")
+    eval_cfg = sub_config(DataConfig, cfg.eval_data, "eval_data") if cfg.eval_data is not None else None
+    lora_cfg = sub_config(LoraConfig, cfg.lora, "lora") if cfg.lora is not None else None
     os.makedirs(cfg.out, exist_ok=True)
     if jax.process_index() == 0:
         with open(os.path.join(cfg.out, "config.yaml"), "w") as f:
@@ -328,7 +328,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
 
         shardings = param_sharding_fn(mesh, cfg.strategy) if mesh is not None else None
         config, params = load_model(cfg.model, dtype=cfg.param_dtype, shardings=shardings)
-        compute = cfg.compute_dtype or _checkpoint_dtype(cfg.model) or "float32"
+        compute = cfg.compute_dtype or checkpoint_dtype(cfg.model) or "float32"
     else:
         config = get_preset(cfg.preset, param_dtype=cfg.param_dtype)
         params = init_params(config, jax.random.key(cfg.seed))
