@@ -177,13 +177,7 @@ def _set_dotted(d: dict, key: str, value: Any) -> None:
 
 def _parse_value(text: str) -> Any:
     """YAML scalar parsing, plus floats YAML 1.1 leaves as strings (``1e-4``)."""
-    value = yaml.safe_load(text)
-    if isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            return value
-    return value
+    return _as_float(yaml.safe_load(text))
 
 
 def _as_float(value: Any) -> Any:
