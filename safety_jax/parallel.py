@@ -30,6 +30,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from safety_jax.model.config import LlamaConfig
 from safety_jax.model.llama import LAYER_WEIGHTS, Params, forward, param_logical_axes, param_shapes
+from safety_jax.model.orbax_params import path_names
 from safety_jax.model.sharding import Constrain, use_activation_sharding
 
 logger = logging.getLogger(__name__)
@@ -214,22 +215,12 @@ def shard_params(params: Params, config: LlamaConfig, mesh: Mesh, strategy: str 
     return jax.device_put(params, shardings)
 
 
-def _path_names(path: tuple) -> tuple[str, ...]:
-    out = []
-    for k in path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(k, attr):
-                out.append(str(getattr(k, attr)))
-                break
-    return tuple(out)
-
-
 def _known_leaf_axes(config: LlamaConfig) -> dict[tuple[str, ...], tuple[str | None, ...]]:
     """params path (and LoRA ``module/a``, ``module/b`` path) -> logical axes."""
     table: dict[tuple[str, ...], tuple[str | None, ...]] = {}
     for path, axes in jax.tree_util.tree_flatten_with_path(param_logical_axes(config),
                                                            is_leaf=lambda x: isinstance(x, tuple))[0]:
-        table[_path_names(path)] = axes
+        table[path_names(path)] = axes
     for module, axes in LAYER_WEIGHTS.items():
         if module.endswith("norm"):
             continue
@@ -254,7 +245,7 @@ def tree_shardings_for(tree: Any, config: LlamaConfig, mesh: Mesh, strategy: str
 
     def one(path: tuple, leaf: Any) -> NamedSharding:
         shape = tuple(getattr(leaf, "shape", np.shape(leaf)))
-        names = _path_names(path)
+        names = path_names(path)
         for n in range(min(longest, len(names)), 0, -1):
             axes = table.get(names[-n:])
             if axes is not None:

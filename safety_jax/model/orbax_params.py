@@ -20,15 +20,20 @@ from safety_jax.model.llama import Params, param_shapes
 from safety_jax.model.storage import PathLike, Shardings, is_main_process, resolve_shardings, to_path
 
 
-def _path_str(path: tuple) -> str:
-    """``a/b/0/mu``: the same for a NamedTuple field and the dict key orbax saves it under."""
+def path_names(path: tuple) -> tuple[str, ...]:
+    """The names along a pytree key path: the same for a NamedTuple field and the dict key orbax saves it under."""
     names = []
     for k in path:
         for attr in ("key", "name", "idx"):
             if hasattr(k, attr):
                 names.append(str(getattr(k, attr)))
                 break
-    return "/".join(names)
+    return tuple(names)
+
+
+def _path_str(path: tuple) -> str:
+    """``a/b/0/mu``."""
+    return "/".join(path_names(path))
 
 
 def _stored_shape(x: Any) -> tuple[int, ...]:
