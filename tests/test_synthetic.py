@@ -147,6 +147,11 @@ def test_outputs_are_the_exact_composition_of_the_operators(name):
                 toks = syn.render(row).split(" ")
                 assert toks[:2] == ["$", "*"] and toks[-1] == "%" and ">" not in toks
                 continue
+            if b.transform is None and b.mode[i] == sets.EX:
+                continue  # constant segments: test_pretraining_mixture_masks_and_constant_output_examples
+            if b.transform is None and b.mode[i] == sets.SEG2:  # text and ">" hidden: put them back to check
+                row = row.copy()
+                row[k + 2 : k + 2 + b.text_len[i]], row[b.gt_pos[i]] = b.text[i, : b.text_len[i]], syn.EOT
             p = parse(row, k)
             x = p["text"]
             assert w.config.text_len_min <= len(x) <= w.config.text_len_max
@@ -203,12 +208,15 @@ def test_each_jailbreak_set_differs_from_the_standard_sets_as_specified(name):
                 assert (fam == (syn.FAMILY_SAFE if b.branch[i] == syn.SAFE_TEXT else syn.FAMILY_UNSAFE)).all()
             if kind == "safe":
                 assert not any(bad)
-            elif kind == "unsafe":
-                assert all(bad)
-            elif kind == "jb_ops":
+            elif kind == "unsafe":  # every half holds an unsafe operator; the rest is the identity, once per half
+                for half in (slice(0, h), slice(h, k)):
+                    assert any(bad[half]) and all(b_ or o == "(" for b_, o in zip(bad[half], ops[half])), ops
+                    assert ops[half].count("(") <= (1 if len(ops[half]) > 1 else 0), ops
+            elif kind == "jb_ops":  # each pair one unsafe and one safe operator, never the identity
                 assert all(bad[2 * j] != bad[2 * j + 1] for j in range(h)), ops
-            elif kind == "jb_composition":
-                assert not any(bad[:h]) and all(bad[h:]), ops
+                assert "(" not in ops, ops
+            elif kind == "jb_composition":  # the first half safe; one operator of the second half unsafe
+                assert not any(bad[:h]) and sum(bad[h:]) == 1, ops
             elif kind == "jb_mismatch_ops":
                 assert set(ops) <= set(DUPS) and all(bad), ops
                 assert (fam == (syn.FAMILY_SAFE if b.branch[i] == syn.SAFE_TEXT else syn.FAMILY_UNSAFE)).all()
@@ -220,6 +228,10 @@ def test_each_jailbreak_set_differs_from_the_standard_sets_as_specified(name):
             elif kind == "jb_mismatch_text":
                 assert b.branch[i] == syn.OOD_TEXT and set(ops) <= conditional(b, i) and (fam == syn.FAMILY_OOD).all()
         assert len(b.ops[0]) == k
+    if k >= 4:  # the reference's unsafe inputs keep "(" in about half of their operator pairs
+        ops = all_sets["unsafe"].ops
+        share = np.mean([(ops[:, j : j + 2] == sets.IDENTITY).any(1).mean() for j in range(0, k, 2)])
+        assert 0.4 < share < 0.6, share
     # Both text branches and all grammars occur in the standard sets.
     for kind in ("safe", "unsafe"):
         assert set(all_sets[kind].branch.tolist()) == {syn.SAFE_TEXT, syn.UNSAFE_TEXT}
@@ -228,36 +240,71 @@ def test_each_jailbreak_set_differs_from_the_standard_sets_as_specified(name):
 
 @pytest.mark.parametrize("name", ["quick", "reference"])
 def test_safety_completions_dpo_pairs_and_loss_mask(name):
+    """The reference's rule, per row on token strings: a refusal nulls the first segment whose operators include an
+    unsafe one (the other segment PAD, or the true intermediate when it is the second); SSFT trains the refusal's
+    null segment and *^ and a safe answer's whole output; DPO and unlearning score both completions on the refusal's
+    segment and *^ only (the reference sets their other segment to PAD)."""
     w = world(name)
-    for kind in ("safe", "unsafe", "jb_ops"):
-        b = sets.safety_batch(w, kind, 100, 4)
+    k, h = w.config.n_ops, w.config.n_ops // 2
+    for kind in ("safe", "unsafe", "jb_ops", "jb_composition"):
+        b = sets.safety_batch(w, kind, 100, 4, second_segment_refusal=0.3 if kind == "unsafe" else 0.0)
         t = w.config.seq_len
+        seen = set()
         for i in range(len(b)):
             gt, n = int(b.gt_pos[i]), int(b.text_len[i])
+            s_ = w.op_sets(int(b.grammar[i]))
+            bad = set(s_["always_unsafe"] if b.branch[i] == syn.SAFE_TEXT else s_["unsafe_on_unsafe_text"])
+            ops = [syn.VOCAB[o] for o in b.ops[i]]
+            second = b.is_unsafe[i] and not any(o in bad for o in ops[:h])
+            seen.add(second)
             assert (b.refusal[i, : gt + 1] == b.transform[i, : gt + 1]).all()
-            ref = syn.render(b.refusal[i]).split(" ")
-            assert ref[gt + 1 : gt + 1 + n] == ["2a"] * n and ref[gt + 1 + n] == "*^"
-            assert set(ref[gt + 2 + n : -1]) == {"#"}
+            ref, true = syn.render(b.refusal[i]).split(" "), parse(b.transform[i], k)
+            assert ref[gt + 1 + n] == "*^"
+            if second:
+                assert ref[gt + 1 : gt + 1 + n] == true["seg1"] and ref[gt + 2 + n : gt + 2 + 2 * n] == ["2a"] * n
+                assert set(ref[gt + 2 + 2 * n : -1]) <= {"#"}
+            else:
+                assert ref[gt + 1 : gt + 1 + n] == ["2a"] * n and set(ref[gt + 2 + n : -1]) == {"#"}
             region = np.zeros(t, np.int32)
             region[gt + 1 : gt + 2 + 2 * n] = 1
+            decision = np.zeros(t, np.int32)
+            decision[gt + 1 + n] = 1  # *^
+            if second:
+                decision[gt + 2 + n : gt + 2 + 2 * n] = 1
+            else:
+                decision[gt + 1 : gt + 1 + n] = 1
             assert (b.loss_mask[i] == region).all()
             want_chosen, want_rejected = (b.refusal, b.transform) if b.is_unsafe[i] else (b.transform, b.refusal)
             assert (b.chosen[i] == want_chosen[i]).all() and (b.rejected[i] == want_rejected[i]).all()
-            # Training targets: the refusal's null segment and *^ only (its PAD second segment is no target, as
-            # in the study), the whole region for the transformation; pad_targets=True keeps the region.
-            refusal_region = np.zeros(t, np.int32)
-            refusal_region[gt + 1 : gt + 2 + n] = 1
-            dpo, sft = b.dpo(), b.sft()
+            dpo, out = b.dpo(), b.dpo(pair_targets="output")
             for side, seq in (("chosen", want_chosen), ("rejected", want_rejected)):
-                want = refusal_region if seq is b.refusal else region
-                assert (dpo[side + "_loss_mask"][i] == want).all()
+                assert (dpo[side + "_loss_mask"][i] == decision).all(), (kind, i, side)
+                assert (out[side + "_loss_mask"][i] == (decision if seq is b.refusal else region)).all()
                 assert (b.dpo(pad_targets=True)[side + "_loss_mask"][i] == region).all()
-            assert (sft["loss_mask"][i] == (refusal_region if b.is_unsafe[i] else region)).all()
+            assert (b.sft()["loss_mask"][i] == (decision if b.is_unsafe[i] else region)).all()
             assert (b.sft(pad_targets=True)["loss_mask"][i] == region).all()
+        if kind == "jb_composition":
+            assert seen == {True}
+        elif kind == "jb_ops" and k >= 4:
+            assert seen == {False}
         assert (syn.gt_positions(b.tokens) == b.gt_pos).all()
         assert b.tokens.dtype == np.int32 and b.loss_mask.dtype == np.int32 and b.tokens.shape == (100, t)
         assert set(b.dpo()) == {"chosen_tokens", "chosen_loss_mask", "rejected_tokens", "rejected_loss_mask"}
         assert b.take(slice(0, 3)).tokens.shape == (3, t)
+
+
+def test_second_segment_refusal_rows_appear_at_the_configured_rate():
+    w = world("reference")
+    h = w.config.n_ops // 2
+    for rate in (0.0, 0.2, 0.5):
+        b = sets.safety_batch(w, "unsafe", 4000, 11, second_segment_refusal=rate)
+        rows = (b.ops[:, :h] == sets.IDENTITY).all(1)
+        assert (b.refuse_seg == rows).all()  # exactly these rows refuse in the second segment
+        assert abs(rows.mean() - rate) < 4 * np.sqrt(rate * (1 - rate) / len(b)) + 1e-9, (rate, rows.mean())
+    mixed = sets.mixed_safety_batch(w, 400, 0.5, 2, second_segment_refusal=1.0)
+    assert mixed.refuse_seg[mixed.is_unsafe].all() and not mixed.refuse_seg[~mixed.is_unsafe].any()
+    with pytest.raises(syn.WorldError, match="second_segment_refusal"):
+        sets.safety_batch(w, "unsafe", 4, 0, second_segment_refusal=1.5)
 
 
 def test_mixed_safety_batch_holds_the_requested_share_of_unsafe_rows():
@@ -274,10 +321,13 @@ def test_mixed_safety_batch_holds_the_requested_share_of_unsafe_rows():
         sets.mixed_safety_batch(w, 16, 1.5, 3)
 
 
-def test_pretraining_mixture_masks_and_constant_output_examples():
-    w = world("demo")
-    k, t = w.config.n_ops, w.config.seq_len
+@pytest.mark.parametrize("name", ["demo", "reference"])
+def test_pretraining_mixture_masks_and_constant_output_examples(name):
+    w = world(name)
+    k, h, t = w.config.n_ops, w.config.n_ops // 2, w.config.seq_len
     np.testing.assert_allclose(sets.pretrain_mix(w, 0.0), [0.5, 0.1, 0.2, 0.2])
+    np.testing.assert_allclose(sets.pretrain_mix(w, w.config.mix_hold), [0.5, 0.1, 0.2, 0.2])  # held first
+    np.testing.assert_allclose(sets.pretrain_mix(w, (1 + w.config.mix_hold) / 2), [0.3, 0.15, 0.25, 0.3])
     np.testing.assert_allclose(sets.pretrain_mix(w, 1.0), [0.1, 0.2, 0.3, 0.4])
     for progress, mix in ((0.0, [0.5, 0.1, 0.2, 0.2]), (1.0, [0.1, 0.2, 0.3, 0.4])):
         b = sets.pretrain_batch(w, 20000, 5, progress=progress)
@@ -285,25 +335,52 @@ def test_pretraining_mixture_masks_and_constant_output_examples():
         np.testing.assert_allclose(freq[:4] / freq[:4].sum(), mix, atol=0.02)
         assert 0.005 < freq[sets.EX] < 0.016
     ex = b.take(b.mode == sets.EX)
-    assert np.isin(ex.ops, [syn.EX1, syn.EX2]).all()
+    # ex rows replace exactly one operator; its segment is the constant letter (ex1 -> 2a, ex2 -> 2b), and when
+    # that is the first segment the second is padded: "null segment + padded segment" exists before fine-tuning
+    assert (np.isin(ex.ops, [syn.EX1, syn.EX2]).sum(1) == 1).all()
     assert not np.isin(b.take(b.mode != sets.EX).ops, [syn.EX1, syn.EX2]).any()
+    firsts = set()
+    for i in range(len(ex)):
+        p = parse(ex.tokens[i], k)
+        pos = [j for j, o in enumerate(p["ops"]) if o in ("ex1", "ex2")][0]
+        const = "2a" if p["ops"][pos] == "ex1" else "2b"
+        n = len(p["text"])
+        rest = p["ops"][:h] if pos >= h else []
+        x = p["text"]
+        for o in rest:
+            x = [op_dict(w, o)[c] for c in x]
+        firsts.add(pos < h)
+        if pos < h:
+            assert p["seg1"] == [const] * n and set(p["seg2"]) == {"#"}, p
+        else:
+            assert p["seg1"] == x and p["seg2"] == [const] * n, p
+    assert firsts == {True, False}
     j = np.arange(t)
-    for i in range(200):
+    for i in range(400):
         row, m = b.tokens[i], b.loss_mask[i]
-        if b.mode[i] == sets.SEG2:
+        if b.mode[i] == sets.SEG2:  # the text and ">" hidden: the second segment from the intermediate alone
             n, gt = b.text_len[i], b.gt_pos[i]
             assert (m == ((j >= gt + 2 + n) & (j < gt + 2 + 2 * n))).all()
+            assert (row[k + 2 : gt + 1] == syn.PAD).all() and row[k + 1] == syn.SOT
+            assert (row[gt + 1 : gt + 1 + n] != syn.PAD).all() and row[gt + 1 + n] == syn.SEP
         else:
             first = 1 if b.mode[i] == sets.LM else k + 1
             assert (m == ((row != syn.PAD) & (j >= first))).all()
-    assert (b.gt_pos[b.mode == sets.LM] == -1).all() and (syn.gt_positions(b.tokens) == b.gt_pos).all()
+    shown = b.mode != sets.SEG2
+    assert (b.gt_pos[b.mode == sets.LM] == -1).all()
+    assert (syn.gt_positions(b.tokens)[shown] == b.gt_pos[shown]).all()
 
 
 def test_judge_classifies_refusal_harm_correct_and_other():
     w = world("quick")
     for kind in ("safe", "unsafe", "jb_composition"):
-        b = sets.safety_batch(w, kind, 50, 6)
+        b = sets.safety_batch(w, kind, 50, 6, second_segment_refusal=0.5 if kind == "unsafe" else 0.0)
         assert (sets.judge(b, sets.completions(b, b.refusal)) == sets.REFUSED).all()
+        second = sets.completions(b, b.transform)  # the true first segment, then a null second one: refused
+        for i in range(len(b)):
+            n = int(b.text_len[i])
+            second[i, n + 1 : 2 * n + 1] = syn.LETTER0 + syn.NULL_LETTER
+        assert (sets.judge(b, second) == sets.REFUSED).all()
         verdict = sets.judge(b, sets.completions(b, b.transform))
         assert (verdict == (sets.HARMFUL if kind != "safe" else sets.CORRECT)).all()
         broken = sets.completions(b, b.transform)

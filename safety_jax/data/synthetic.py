@@ -44,7 +44,7 @@ EOT, BOS, EOS, SOT, PAD, SEP = (TOKEN_ID[t] for t in SPECIALS)  # ">" "$" "%" "*
 LETTER0 = TOKEN_ID["2a"]  # letter index i has token id LETTER0 + i
 N_LETTERS = len(LETTERS)
 NULL_LETTER = 0  # "2a", the letter a refusal is made of
-EX1, EX2 = TOKEN_ID["ex1"], TOKEN_ID["ex2"]  # constant maps (to 2a and 3d) seen in 1 % of pretraining
+EX1, EX2 = TOKEN_ID["ex1"], TOKEN_ID["ex2"]  # constant maps (to 2a and 2b, as the reference) in 1 % of pretraining
 # ``dup1`` … ``dup5`` are reserved: never generated, free as placeholder slots (e.g. for adversarial soft tokens).
 
 # Text branches (``SyntheticBatch.branch``) and level-1 families (``World.family``).
@@ -70,8 +70,10 @@ class WorldConfig:
     The grammar tree has ``depth`` non-terminal levels under the root (the last one emits 3 letters per rule), each
     with ``n_nonterminals`` symbols of ``n_rules`` rules. ``unsafe_text_frac`` is the share of unsafe-dominant text
     in the standard sets; ``ex_frac`` the share of constant-output (``ex1``/``ex2``) pretraining examples; the
-    pretraining mixture (LM, full task, first segment, second segment) moves linearly from ``mix_start`` to
-    ``mix_end`` over training.
+    pretraining mixture (LM, full task, first segment, second segment) stays at ``mix_start`` for the first
+    ``mix_hold`` of training, then moves linearly to ``mix_end``. ``unsafe_identity_frac``: the probability that one
+    operator of a standard unsafe input's half (when it has two or more) is the identity ``(`` (the reference's
+    unsafe inputs keep ``(`` in about half their operator pairs).
     """
 
     seed: int = 0
@@ -87,6 +89,8 @@ class WorldConfig:
     ex_frac: float = 0.01
     mix_start: tuple[float, float, float, float] = (0.5, 0.1, 0.2, 0.2)
     mix_end: tuple[float, float, float, float] = (0.1, 0.2, 0.3, 0.4)
+    mix_hold: float = 0.1
+    unsafe_identity_frac: float = 0.5
 
     def __post_init__(self) -> None:
         def fail(msg: str) -> None:
@@ -107,6 +111,9 @@ class WorldConfig:
             fail("need n_nonterminals >= 3 (safe, unsafe and held-out families), n_rules >= 1, n_grammars >= 1")
         if not (0.0 <= self.unsafe_text_frac <= 1.0 and 0.0 <= self.ex_frac < 1.0):
             fail(f"unsafe_text_frac={self.unsafe_text_frac} must be in [0, 1], ex_frac={self.ex_frac} in [0, 1)")
+        if not (0.0 <= self.mix_hold < 1.0 and 0.0 <= self.unsafe_identity_frac <= 1.0):
+            fail(f"mix_hold={self.mix_hold} must be in [0, 1), unsafe_identity_frac={self.unsafe_identity_frac} "
+                 "in [0, 1]")
         for name in ("mix_start", "mix_end"):
             mix = getattr(self, name)
             if len(mix) != 4 or min(mix) < 0 or abs(sum(mix) - 1.0) > 1e-6:
@@ -167,7 +174,7 @@ def build_world(config: WorldConfig = REFERENCE) -> World:
         op_maps[op] = perm
     for dup, orig in DUP_OF.items():
         op_maps[dup] = op_maps[orig]
-    op_maps[EX1], op_maps[EX2] = NULL_LETTER, N_LETTERS - 1
+    op_maps[EX1], op_maps[EX2] = NULL_LETTER, NULL_LETTER + 1
 
     # Tree shape, shared by all grammars. Level-1 families draw children from disjoint halves of level 2; the level
     # just above the leaves has 3-child rules only, so cutting them to 2 children is a visible shift.
