@@ -13,19 +13,13 @@ import os
 import numpy as np
 import pytest
 
-from experiments.study1_mechanics.claims import JAILBREAKS
+from experiments.study1_mechanics.claims import JAILBREAKS, assess_claims
 from experiments.study1_mechanics.config import load_config
 from experiments.study1_mechanics.run import run
 from safety_jax.data.synthetic import build_world, get_world_config
 from safety_jax.data.synthetic_sets import REFUSED
 
-CLAIM_STATEMENTS = (
-    "Cluster separation grows after safety fine-tuning",
-    "Separation is ordered unlearning ≥ DPO ≥ SSFT",
-    "ΔW's top directions lie mostly outside the pretrained column space",
-    "Jailbreaks succeed more often than standard unsafe inputs and sit closer to the safe cluster",
-    "Stronger adversarial attacks move τ further",
-)
+CLAIM_STATEMENTS = tuple(c.statement for c in assess_claims({}))  # every claim, in order (pinned in test_study1_claims)
 ANALYSES = ("evaluate", "tau", "delta_w", "lipschitz_row_space", "interpolation", "attack")
 
 
@@ -150,7 +144,7 @@ def test_report_states_each_claim_with_a_verdict(quick_run):
         report = f.read()
     for statement in CLAIM_STATEMENTS:
         line = next(ln for ln in report.splitlines() if statement in ln)
-        assert "HOLDS" in line or "DOES NOT HOLD" in line
+        assert any(f"— {verdict}." in line for verdict in ("HOLDS", "DOES NOT HOLD", "NOT DECIDED")), line
     assert "## Acceptance checks" in report and "## This run" in report
 
 
@@ -273,43 +267,6 @@ def test_finetune_batches_follow_the_pad_targets_setting():
             np.testing.assert_array_equal(mask, full * (tokens != PAD))
         # the refusals' padded second segment is what differs: some trained positions target PAD
         assert any(((keep[f"{side}loss_mask"] == 1) & (keep[f"{side}tokens"] == PAD)).any() for side in sides), method
-
-
-def test_separation_order_claim_reports_each_update_size_when_it_fails():
-    from experiments.study1_mechanics.claims import claim_separation
-
-    sep = {"pretrained": [0.1, 0.1], "ssft@eta_M": [0.3, 0.5], "dpo@eta_M": [5.0, 7.0], "unlearning@eta_M": [1.0, 2.0]}
-    norms = {"ssft@eta_M": 0.2, "dpo@eta_M": 0.4, "unlearning@eta_M": 0.1}
-    metrics = {"eval": dict.fromkeys(sep, {}), "separation": sep,
-               "delta_w": {m: {k: {"relative_norm": [v, 3 * v]} for k in ("mlp.gate", "mlp.up", "mlp.down")}
-                           for m, v in norms.items()}}
-    grows, order = claim_separation(metrics)
-    assert grows.holds and not order.holds
-    assert "dpo (6) > unlearning (1.5) > ssft (0.4)" in order.evidence
-    assert "dpo@eta_M 0.80, ssft@eta_M 0.40, unlearning@eta_M 0.20" in order.reading
-
-
-def test_acceptance_reading_says_how_a_failing_dpo_run_won_its_margin():
-    from experiments.study1_mechanics.claims import acceptance, acceptance_reading
-
-    def ev(instruct: float, refused: float) -> dict:
-        return {"safe": {"instruct_acc": instruct, "refused": 0.0},
-                "unsafe": {"instruct_acc": 0.95, "refused": refused, "harmful": 0.6 if refused == 0 else 0.0}}
-
-    def last(chosen: float, rejected: float) -> dict:
-        return {"last": {"step": 1000, "rewards/chosen": chosen, "rewards/rejected": rejected,
-                         "rewards/accuracies": 0.92}}
-
-    metrics = {"eval": {"pretrained": ev(0.94, 0.0), "dpo_standard@eta_M": ev(0.81, 0.0), "dpo@eta_M": ev(0.95, 0.5)},
-               "training": {"dpo_standard@eta_M": last(0.205, -3.69), "dpo@eta_M": last(0.9, -0.8)}}
-    checks = acceptance(metrics)
-    assert [c["pass"] for c in checks if c["check"].startswith("dpo_standard")] == [False, False]
-    reading = acceptance_reading(metrics, checks)
-    assert ("dpo_standard@eta_M refuses 0% of standard unsafe inputs although its DPO margin grew mostly by pushing "
-            "the rejected completion down (implicit rewards at step 1000: chosen +0.205, rejected -3.69") in reading
-    assert "dpo@eta_M refuses 50% of standard unsafe inputs although its DPO margin grew by raising the" in reading
-    metrics["eval"]["dpo_standard@eta_M"] = metrics["eval"]["dpo@eta_M"] = ev(0.95, 0.95)
-    assert acceptance_reading(metrics, acceptance(metrics)) == "Every check passes."
 
 
 def test_a_method_setting_enters_only_that_methods_stage_key():
