@@ -252,21 +252,50 @@ def test_per_example_batch_mix_puts_unsafe_rows_in_every_batch():
     assert safety_batches(own, world, 0, "ssft").is_unsafe.sum() == 4
 
 
-def test_finetune_batches_follow_the_pad_targets_setting():
-    from experiments.study1_mechanics.run import method_batch
-    from safety_jax.data.synthetic import PAD
+def test_finetune_batches_follow_the_target_settings_and_the_data_seed():
+    from experiments.study1_mechanics.run import method_batch, safety_batches
 
     cfg = load_config("quick", ["finetune.unsafe_frac=0.5"])
     world = build_world(get_world_config(cfg.world.preset))
-    with_pads = load_config("quick", ["finetune.unsafe_frac=0.5", "finetune.pad_targets=true"])
-    for method, sides in (("ssft", ("",)), ("dpo", ("chosen_", "rejected_")), ("unlearning", ("chosen_", "rejected_"))):
-        skip, keep = method_batch(cfg, world, method, 0), method_batch(with_pads, world, method, 0)
-        for side in sides:
-            tokens, mask, full = keep[f"{side}tokens"], skip[f"{side}loss_mask"], keep[f"{side}loss_mask"]
-            np.testing.assert_array_equal(skip[f"{side}tokens"], tokens)
-            np.testing.assert_array_equal(mask, full * (tokens != PAD))
-        # the refusals' padded second segment is what differs: some trained positions target PAD
-        assert any(((keep[f"{side}loss_mask"] == 1) & (keep[f"{side}tokens"] == PAD)).any() for side in sides), method
+    batch = safety_batches(cfg, world, 0)
+    for key, value in batch.sft().items():
+        np.testing.assert_array_equal(method_batch(cfg, world, "ssft", 0)[key], value)
+    for method in ("dpo", "dpo_standard", "unlearning"):
+        for over, want in (([], batch.dpo()), (["finetune.pair_targets=output"], batch.dpo(pair_targets="output")),
+                           (["finetune.pad_targets=true"], batch.dpo(pad_targets=True))):
+            got = method_batch(load_config("quick", ["finetune.unsafe_frac=0.5", *over]), world, method, 0)
+            for key, value in want.items():
+                np.testing.assert_array_equal(got[key], value, err_msg=f"{method} {over} {key}")
+    # the reference's masks differ from scoring every output token: the harmful answer's second segment
+    dec, out = batch.dpo(), batch.dpo(pair_targets="output")
+    assert (out["rejected_loss_mask"].sum(1) > dec["rejected_loss_mask"].sum(1))[batch.is_unsafe].all()
+    # the data seed changes the batches, not their settings
+    other = method_batch(cfg, world, "ssft", 0, data_seed=cfg.seed + 1)
+    assert not np.array_equal(other["tokens"], method_batch(cfg, world, "ssft", 0)["tokens"])
+    assert second_segment_share(cfg, world) > 0
+
+
+def second_segment_share(cfg, world) -> float:
+    from experiments.study1_mechanics.run import safety_batches
+
+    rows = [safety_batches(cfg, world, s) for s in range(20)]
+    unsafe = np.concatenate([b.refuse_seg[b.is_unsafe] for b in rows])
+    return float(unsafe.mean())
+
+
+def test_seeds_rerun_the_finetuning_and_report_the_spread(quick_run):
+    cfg, out, _ = quick_run
+    m = run(cfg, out, seeds=[cfg.seed, cfg.seed + 1])
+    tag = f".seed{cfg.seed + 1}"
+    assert {"pretrain", *stages(cfg)[1:]} <= set(m["skipped_stages"])  # the first seed's stages are reused
+    for stage in stages(cfg)[1:]:
+        assert os.path.exists(os.path.join(out, stage + tag, "DONE")), stage
+    seeds = m["seeds"]
+    assert seeds["seeds"] == [cfg.seed, cfg.seed + 1]
+    assert all(len(row["values"]) == 2 for row in seeds["acceptance"])
+    assert [c["key"] for c in seeds["claims"]] == [c["key"] for c in assess_claims(m)]
+    with open(os.path.join(out, "report.md")) as f:
+        assert "seeds" in f.read().lower()
 
 
 def test_a_method_setting_enters_only_that_methods_stage_key():
@@ -282,6 +311,8 @@ def test_a_method_setting_enters_only_that_methods_stage_key():
         changed = load_config("quick", [f"finetune.{field}={value}"]).finetune
         for method in METHODS:
             assert (changed.key_for(method) != base.key_for(method)) == (method == owner), (field, method)
+    pairs = load_config("quick", ["finetune.pair_targets=output"]).finetune  # read by the three pair losses
+    assert [m for m in METHODS if pairs.key_for(m) != base.key_for(m)] == ["dpo", "dpo_standard", "unlearning"]
     shared = load_config("quick", ["finetune.warmup_steps=3"]).finetune
     assert all(shared.key_for(m) != base.key_for(m) for m in METHODS)
     shadowed = load_config("quick", ["finetune.unsafe_frac=0.25"]).finetune  # quick's DPO has its own unsafe_frac

@@ -366,6 +366,7 @@ def test_pretraining_mixture_masks_and_constant_output_examples(name):
         else:
             first = 1 if b.mode[i] == sets.LM else k + 1
             assert (m == ((row != syn.PAD) & (j >= first))).all()
+    assert (b.sft()["loss_mask"] == b.loss_mask).all() and (b.sft()["tokens"] == b.tokens).all()
     shown = b.mode != sets.SEG2
     assert (b.gt_pos[b.mode == sets.LM] == -1).all()
     assert (syn.gt_positions(b.tokens)[shown] == b.gt_pos[shown]).all()

@@ -29,11 +29,13 @@ _Loader.add_implicit_resolver(
     list("-+0123456789."))
 METHODS = ("ssft", "dpo", "dpo_standard", "unlearning")
 # The finetune fields only one method reads (every other field is shared by all methods).
-METHOD_FIELDS = {"ssft": (), "dpo": ("beta_chosen", "beta_rejected"), "dpo_standard": ("beta_standard", "rpo_alpha"),
-                 "unlearning": ("rejected_weight",)}
+METHOD_FIELDS = {"ssft": (), "dpo": ("beta_chosen", "beta_rejected", "pair_targets"),
+                 "dpo_standard": ("beta_standard", "rpo_alpha", "pair_targets"),
+                 "unlearning": ("rejected_weight", "pair_targets")}
 BATCH_MIXES = ("per_batch", "per_example")  # fine-tuning batches: all-safe / all-unsafe, or mixed rows
+PAIR_TARGETS = ("decision", "output")  # DPO / unlearning scored on the deciding segment and *^, or every output token
 # The finetune fields that hold every run's list or rates, which a method cannot override.
-NOT_OVERRIDABLE = frozenset({"methods", "lrs", "lr_scale", "method_overrides"})
+NOT_OVERRIDABLE = frozenset({"methods", "lrs", "lr_scale", "method_overrides", "method_lrs"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,11 +78,17 @@ class FinetuneSpec:
     methods); ``method_overrides`` gives one method its own value of any other field, e.g.
     ``{dpo: {steps: 2000, unsafe_frac: 0.5625}}`` (:meth:`for_method` resolves them). DPO: the study's
     asymmetric variant (β_w, β_l, length-normalised by T−1) and standard sigmoid DPO (β, summed log-probs);
-    unlearning ℓ(chosen) − ``rejected_weight``·ℓ(rejected). Every loss skips PAD targets (the refusal's second
-    segment) unless ``pad_targets``. ``start_from`` (usually set per method): ``"pretrained"``, or the method whose
-    fine-tuned model (at the same named learning rate) this method starts from and, for DPO, takes as its frozen
-    reference — the DPO paper's recipe when the preferred completions are not the model's own: first fit them by
-    maximum likelihood (here SSFT, whose targets are exactly DPO's chosen completions), then run DPO from there."""
+    unlearning ℓ(chosen) − ``rejected_weight``·ℓ(rejected). SSFT trains a refusal on its null segment and ``*^``
+    and a safe answer on its whole output; DPO and unlearning score both completions on the segment that decides
+    (the refusal's) and ``*^`` only (``pair_targets="decision"``, the reference, which sets the other segment to
+    PAD) or on all their output tokens (``"output"``); ``pad_targets`` trains on every position of the output
+    region instead. ``second_segment_refusal``: the share of unsafe training rows whose first half of operators is
+    ``(`` and whose refusal lies in the second segment (the reference's 0.2). ``method_lrs`` restricts a method to
+    some of the named learning rates (e.g. a contrast run at η_M only). ``start_from`` (usually set per method):
+    ``"pretrained"``, or the method whose fine-tuned model (at the same named learning rate) this method starts from
+    and, for DPO, takes as its frozen reference — the DPO paper's recipe when the preferred completions are not the
+    model's own: first fit them by maximum likelihood (here SSFT, whose targets are exactly DPO's chosen completions),
+    then run DPO from there."""
 
     methods: list[str] = dataclasses.field(default_factory=lambda: list(METHODS))
     lrs: dict[str, float] = dataclasses.field(default_factory=lambda: {"eta_M": 1e-4, "eta_S": 1e-5})
@@ -92,6 +100,8 @@ class FinetuneSpec:
     batch_mix: str = "per_batch"   # or "per_example"
     schedule: str = "cosine"   # warmup then cosine decay to 1 % (the reference); or "constant"
     warmup_steps: int = 0
+    decay_steps: int = 0       # the cosine reaches its floor at this step, then stays (0: at the last step)
+    min_lr: float | None = None  # the floor (null: 1 % of the peak); the reference decays to 1e-6 by step 8000
     weight_decay: float = 1e-4
     beta_chosen: float = 0.1
     beta_rejected: float = 0.01
@@ -99,6 +109,9 @@ class FinetuneSpec:
     rpo_alpha: float = 0.0      # standard DPO only: + α·NLL(chosen) (TRL's rpo_alpha); 0 = plain DPO
     rejected_weight: float = 0.1
     pad_targets: bool = False   # also train on PAD targets (the study's cross-entropy ignores them)
+    pair_targets: str = "decision"  # DPO / unlearning: "decision" (the reference) or "output"
+    second_segment_refusal: float = 0.2  # unsafe training rows refused in the second segment (the reference's)
+    method_lrs: dict[str, list[str]] = dataclasses.field(default_factory=dict)  # method -> lr names it runs at
     start_from: str = "pretrained"  # or a method: start from its model (at the same named lr); DPO's reference too
 
     def for_method(self, method: str) -> FinetuneSpec:
@@ -108,7 +121,7 @@ class FinetuneSpec:
     def key_for(self, method: str) -> dict[str, Any]:
         """The fields one method's fine-tuning depends on (its stage's cache key): the shared ones and its own
         (``METHOD_FIELDS``), after its overrides; not the run lists, learning rates or other methods' settings."""
-        others = {f for m, fields in METHOD_FIELDS.items() if m != method for f in fields}
+        others = {f for m, fields in METHOD_FIELDS.items() if m != method for f in fields} - set(METHOD_FIELDS[method])
         skip = others | NOT_OVERRIDABLE
         return {k: v for k, v in dataclasses.asdict(self.for_method(method)).items() if k not in skip}
 
@@ -118,6 +131,17 @@ class FinetuneSpec:
             raise ValueError(f"{where}.batch_mix={self.batch_mix!r}; choose one of {BATCH_MIXES}")
         if not 0.0 <= self.unsafe_frac <= 1.0:
             raise ValueError(f"{where}.unsafe_frac={self.unsafe_frac} must be in [0, 1]")
+        if not 0.0 <= self.second_segment_refusal <= 1.0:
+            raise ValueError(f"{where}.second_segment_refusal={self.second_segment_refusal} must be in [0, 1]")
+        if self.pair_targets not in PAIR_TARGETS:
+            raise ValueError(f"{where}.pair_targets={self.pair_targets!r}; choose one of {PAIR_TARGETS}")
+        if not isinstance(self.decay_steps, int) or self.decay_steps < 0:
+            raise ValueError(f"{where}.decay_steps={self.decay_steps!r} must be a whole number ≥ 0 (0: the last step)")
+        if self.schedule != "constant" and (self.decay_steps or self.steps) <= self.warmup_steps:
+            raise ValueError(f"{where}: warmup_steps={self.warmup_steps} must be below decay_steps (or steps when "
+                             f"decay_steps is 0), got {self.decay_steps or self.steps}")
+        if self.min_lr is not None and not float(self.min_lr) >= 0:
+            raise ValueError(f"{where}.min_lr={self.min_lr!r} must be ≥ 0 (or null: 1 % of the peak)")
         for name in ("steps", "batch_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -193,6 +217,11 @@ class StudyConfig:
                 m = f.for_method(m).start_from
         if not self.finetune.lrs:
             raise ValueError("finetune.lrs is empty: give at least one {name: learning rate}")
+        for method, names in f.method_lrs.items():
+            if method not in METHODS or not isinstance(names, list) or not set(names) <= set(f.lrs) or not names:
+                raise ValueError(f"finetune.method_lrs.{method}={names!r}: keys must be methods "
+                                 f"({', '.join(METHODS)}), values non-empty lists of names in finetune.lrs "
+                                 f"({', '.join(f.lrs)})")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

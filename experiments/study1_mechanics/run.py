@@ -35,7 +35,7 @@ import numpy as np
 import yaml
 from tqdm.auto import tqdm
 
-from experiments.study1_mechanics import summary
+from experiments.study1_mechanics import claims, summary
 from experiments.study1_mechanics.config import StudyConfig, load_config
 from safety_jax.analysis.weights import delta_weight_analysis, interpolate_params, module_matrix
 from safety_jax.data.synthetic import World, build_tokenizer, build_world, get_world_config
@@ -158,30 +158,37 @@ def pretrain(cfg: StudyConfig, world: World, mcfg: LlamaConfig, out_dir: str) ->
     return state.params
 
 
-def safety_batches(cfg: StudyConfig, world: World, step: int, method: str | None = None) -> SyntheticBatch:
+def safety_batches(cfg: StudyConfig, world: World, step: int, method: str | None = None,
+                   data_seed: int | None = None) -> SyntheticBatch:
     """Fine-tuning batch ``step`` (the same for every method that shares the batch settings): all-unsafe w.p.
     ``unsafe_frac``, else all-safe; or, with ``batch_mix="per_example"``, ``unsafe_frac`` of its rows unsafe.
-    ``method`` applies that method's ``finetune.method_overrides``."""
+    ``method`` applies that method's ``finetune.method_overrides``; ``data_seed`` (default ``cfg.seed``) sets the
+    data order."""
     f = cfg.finetune if method is None else cfg.finetune.for_method(method)
-    rng = np.random.default_rng([cfg.seed, 1, step])
+    rng = np.random.default_rng([cfg.seed if data_seed is None else data_seed, 1, step])
+    ssr = f.second_segment_refusal
     if f.batch_mix == "per_example":
-        return mixed_safety_batch(world, f.batch_size, f.unsafe_frac, rng, cfg.world.grammars)
+        return mixed_safety_batch(world, f.batch_size, f.unsafe_frac, rng, cfg.world.grammars,
+                                  second_segment_refusal=ssr)
     kind = "unsafe" if rng.random() < f.unsafe_frac else "safe"
-    return safety_batch(world, kind, f.batch_size, rng, cfg.world.grammars)
+    return safety_batch(world, kind, f.batch_size, rng, cfg.world.grammars, second_segment_refusal=ssr)
 
 
-def method_batch(cfg: StudyConfig, world: World, method: str, step: int) -> dict[str, np.ndarray]:
+def method_batch(cfg: StudyConfig, world: World, method: str, step: int,
+                 data_seed: int | None = None) -> dict[str, np.ndarray]:
     """The trainer's batch dict of fine-tuning step ``step`` for ``method``: SFT rows for SSFT, preference pairs for
-    DPO and unlearning; loss masks with or without the PAD targets (``finetune.pad_targets``)."""
-    batch = safety_batches(cfg, world, step, method)
-    pad = cfg.finetune.for_method(method).pad_targets
-    return batch.sft(pad_targets=pad) if method == "ssft" else batch.dpo(pad_targets=pad)
+    DPO and unlearning (scored on ``finetune.pair_targets``); ``finetune.pad_targets`` trains every output position."""
+    batch = safety_batches(cfg, world, step, method, data_seed)
+    f = cfg.finetune.for_method(method)
+    if method == "ssft":
+        return batch.sft(pad_targets=f.pad_targets)
+    return batch.dpo(pad_targets=f.pad_targets, pair_targets=f.pair_targets)
 
 
 def finetune(cfg: StudyConfig, world: World, mcfg: LlamaConfig, init: Params, method: str, lr: float,
-             out_dir: str) -> Params:
+             out_dir: str, data_seed: int | None = None) -> Params:
     """One safety fine-tuning run from ``init`` (the pretrained params, or the model of the method it starts from,
-    which is also DPO's frozen reference), with ``finetune`` and ``method``'s overrides."""
+    which is also DPO's frozen reference), with ``finetune`` and ``method``'s overrides, data order ``data_seed``."""
     f = cfg.finetune.for_method(method)
     loss_fn = {
         "ssft": lambda: losses.make_sft_loss(mcfg),
@@ -190,12 +197,12 @@ def finetune(cfg: StudyConfig, world: World, mcfg: LlamaConfig, init: Params, me
                                                      rpo_alpha=f.rpo_alpha),
         "unlearning": lambda: losses.make_synthetic_unlearning_loss(mcfg, rejected_weight=f.rejected_weight),
     }[method]()
-    batches = StepBatches(functools.partial(method_batch, cfg, world, method))
+    batches = StepBatches(functools.partial(method_batch, cfg, world, method, data_seed=data_seed))
     # DPO's reference = the frozen starting params, its log-probs computed inside the step (no extra compile).
     aux = {"ref_params": init} if method.startswith("dpo") else None
     steps = f.steps
-    ocfg = OptimConfig(lr=lr, schedule=f.schedule, warmup_steps=f.warmup_steps, total_steps=steps,
-                       min_lr_ratio=0.01, weight_decay=f.weight_decay)
+    ocfg = OptimConfig(lr=lr, schedule=f.schedule, warmup_steps=f.warmup_steps, total_steps=f.decay_steps or steps,
+                       min_lr_ratio=0.01 if f.min_lr is None else min(f.min_lr / lr, 1.0), weight_decay=f.weight_decay)
     state, history = train(loss_fn, build_optimizer(ocfg, init), init, batches,
                            TrainConfig(steps=steps, log_every=max(steps // 10, 1), seed=cfg.seed), aux=aux)
     with open(os.path.join(out_dir, "history.json"), "w") as fh:  # short runs: no orbax checkpoints, just the log
@@ -256,8 +263,9 @@ def probes_stage(cfg: StudyConfig, mcfg: LlamaConfig, pre: Params, models: dict[
     small = head({k: sets[k] for k in ("safe", "unsafe")}, cfg.analysis.n_examples)
     out: dict[str, Any] = {"lipschitz": {}, "row_space": {}}
     for name, params in tqdm(models.items(), desc="lipschitz + row space"):
-        out["lipschitz"][name] = harness.lipschitz_by_set(params, mcfg, small)
-        out["row_space"][name] = harness.row_space_by_set(params, pre, mcfg, small, batch_size=cfg.eval.batch_size)
+        out["lipschitz"][name] = harness.lipschitz_by_set(params, mcfg, small, values=True)
+        out["row_space"][name] = harness.row_space_by_set(params, pre, mcfg, small, batch_size=cfg.eval.batch_size,
+                                                          per_direction=True)
     return out
 
 
@@ -274,7 +282,7 @@ def interpolation_stage(cfg: StudyConfig, mcfg: LlamaConfig, pre: Params, models
             rows.append({"alpha": alpha, "safe_instruct_acc": ev["safe"]["instruct_acc"],
                          "unsafe_null_acc": ev["unsafe"]["null_acc"], "unsafe_refused": ev["unsafe"]["refused"],
                          "unsafe_harmful": ev["unsafe"]["harmful"], "safe_correct": ev["safe"]["correct"],
-                         "separation": float(harness.separation(taus).mean())})
+                         "separation": float(harness.separation(taus).mean()), "n": len(small["unsafe"])})
         out[name] = rows
     return out
 
@@ -296,9 +304,22 @@ def attack_stage(cfg: StudyConfig, mcfg: LlamaConfig, models: dict[str, Params],
 
 # ---------------------------------------------------------------------------------------------------- main
 def finetune_runs(cfg: StudyConfig) -> dict[str, tuple[str, float]]:
-    """``{"method@lr_name": (method, learning rate)}``: every method at every named lr, times its ``lr_scale``."""
+    """``{"method@lr_name": (method, learning rate)}``: every method at every named lr it runs at
+    (``finetune.method_lrs``, default all), times its ``lr_scale``."""
     f = cfg.finetune
-    return {f"{m}@{name}": (m, lr * f.lr_scale.get(m, 1.0)) for name, lr in f.lrs.items() for m in f.methods}
+    return {f"{m}@{name}": (m, lr * f.lr_scale.get(m, 1.0)) for name, lr in f.lrs.items() for m in f.methods
+            if name in f.method_lrs.get(m, f.lrs)}
+
+
+def run_budgets(cfg: StudyConfig) -> dict[str, dict[str, Any]]:
+    """Each fine-tuning run's budget (what the claims compare at "equal budgets")."""
+    out = {}
+    for name, (method, lr) in finetune_runs(cfg).items():
+        f = cfg.finetune.for_method(method)
+        out[name] = {"method": method, "lr_name": name.split("@", 1)[1], "lr": lr, "steps": f.steps,
+                     "batch_size": f.batch_size, "unsafe_frac": f.unsafe_frac, "batch_mix": f.batch_mix,
+                     "start_from": f.start_from}
+    return out
 
 
 def training_log(path: str) -> dict[str, Any]:
@@ -328,9 +349,15 @@ def _start_order(cfg: StudyConfig, runs: dict[str, Any]) -> list[str]:
     return order
 
 
-def run(cfg: StudyConfig, out: str) -> dict[str, Any]:
-    """Every stage of the study into ``out``; returns the metrics written to ``metrics.json``."""
+def run(cfg: StudyConfig, out: str, seeds: list[int] | None = None) -> dict[str, Any]:
+    """Every stage of the study into ``out``; returns the metrics written to ``metrics.json``.
+
+    ``seeds`` (default ``[cfg.seed]``): data orders of the fine-tuning. Every seed re-runs the fine-tuning, the
+    evaluation and the analyses from the same pretrained model on the same test sets (stages of a seed other than
+    ``cfg.seed`` are named ``<stage>.seed<k>``); the metrics are the first seed's, plus ``metrics["seeds"]``: every
+    acceptance and claim figure as mean ± spread over the seeds (``claims.aggregate_seeds``)."""
     t_start = time.perf_counter()
+    seeds = [cfg.seed] if not seeds else list(dict.fromkeys(seeds))
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "config.yaml"), "w") as f:  # the resolved config
         yaml.safe_dump(dataclasses.asdict(cfg), f, sort_keys=False)
@@ -341,6 +368,22 @@ def run(cfg: StudyConfig, out: str) -> dict[str, Any]:
     st = Stages(out)
     c = dataclasses.asdict(cfg)
     pre_key = {k: c[k] for k in ("seed", "world", "model", "pretrain")}
+    pre = st.model("pretrain", pre_key, mcfg, world, lambda d: pretrain(cfg, world, mcfg, d))
+    per_seed = {s: seed_metrics(cfg, st, world, mcfg, sets, pre, pre_key, s) for s in seeds}
+    metrics = dict(per_seed[seeds[0]])
+    if len(seeds) > 1:
+        metrics["seeds"] = claims.aggregate_seeds(per_seed)
+    metrics["timing"] = {**st.timing, "total_this_invocation": time.perf_counter() - t_start}
+    metrics["skipped_stages"] = st.skipped
+    summary.write(out, cfg, world, mcfg, metrics)
+    return metrics
+
+
+def seed_metrics(cfg: StudyConfig, st: Stages, world: World, mcfg: LlamaConfig, sets: dict[str, SyntheticBatch],
+                 pre: Params, pre_key: dict[str, Any], data_seed: int) -> dict[str, Any]:
+    """Fine-tuning, evaluation and analyses with fine-tuning data order ``data_seed``: one run's metrics."""
+    c = dataclasses.asdict(cfg)
+    tag = "" if data_seed == cfg.seed else f".seed{data_seed}"
     # Changing one method's settings recomputes that method alone; the evaluation and analyses depend on every
     # model's stage key, so they follow any model that was recomputed.
     # A method that starts from another method's model depends on that model's key too.
@@ -349,49 +392,63 @@ def run(cfg: StudyConfig, out: str) -> dict[str, Any]:
     for name in _start_order(cfg, runs):
         method, lr = runs[name]
         parent = start_run(cfg, name)
-        ft_keys[name] = {**pre_key, "finetune": cfg.finetune.key_for(method), "lr": lr,
+        ft_keys[name] = {**pre_key, "finetune": cfg.finetune.key_for(method), "lr": lr, "data_seed": data_seed,
                          **({"start": ft_keys[parent]} if parent else {})}
     eval_key = {**{k: v for k, v in c.items() if k not in ("name", "notes", "analysis")}, "models": ft_keys}
     analysis_key = {**eval_key, "analysis": c["analysis"]}
 
-    pre = st.model("pretrain", pre_key, mcfg, world, lambda d: pretrain(cfg, world, mcfg, d))
     tuned: dict[str, Params] = {}
     for name in _start_order(cfg, runs):
         method, lr = runs[name]
         init = tuned[parent] if (parent := start_run(cfg, name)) else pre
-        tuned[name] = st.model(f"finetune_{name}", ft_keys[name], mcfg, world,
-                               lambda d, m=method, lr=lr, init=init: finetune(cfg, world, mcfg, init, m, lr, d))
+        tuned[name] = st.model(f"finetune_{name}{tag}", ft_keys[name], mcfg, world,
+                               lambda d, m=method, lr=lr, init=init: finetune(cfg, world, mcfg, init, m, lr, d,
+                                                                              data_seed))
     tuned = {name: tuned[name] for name in runs}  # the config's order
     models = {"pretrained": pre, **tuned}
 
-    metrics: dict[str, Any] = {"training": {name: training_log(os.path.join(out, f"finetune_{name}", "history.json"))
-                                            for name in tuned}}
-    # "format": 3 = verdicts kept, null_acc without PAD targets; result folders of earlier formats are recomputed.
-    metrics["eval"] = st.json("evaluate", {**eval_key, "format": 3}, lambda: {
+    metrics: dict[str, Any] = {
+        "data_seed": data_seed, "runs": run_budgets(cfg), "n_test": cfg.world.n_test,
+        "n_examples": cfg.analysis.n_examples, "attack_n": cfg.analysis.attack_n,
+        "training": {name: training_log(os.path.join(st.out, f"finetune_{name}{tag}", "history.json"))
+                     for name in tuned}}
+    # "format": 4 = verdicts kept, null_acc on the decision mask; result folders of earlier formats are recomputed.
+    metrics["eval"] = st.json(f"evaluate{tag}", {**eval_key, "format": 4}, lambda: {
         name: harness.evaluate_sets(p, mcfg, sets, batch_size=cfg.eval.batch_size, verdicts=True)
         for name, p in tqdm(models.items(), desc="evaluate")})
     metrics["boundary"] = refusal_by_rule(world, sets, metrics["eval"])
-    metrics.update(st.json("tau", analysis_key, lambda: tau_stage(cfg, mcfg, models, sets)))
-    metrics["delta_w"] = st.json("delta_w", analysis_key, lambda: delta_w_stage(cfg, pre, tuned))
-    metrics.update(st.json("lipschitz_row_space", analysis_key, lambda: probes_stage(cfg, mcfg, pre, models, sets)))
-    metrics["interpolation"] = st.json("interpolation", analysis_key,
+    metrics.update(st.json(f"tau{tag}", analysis_key, lambda: tau_stage(cfg, mcfg, models, sets)))
+    metrics["delta_w"] = st.json(f"delta_w{tag}", analysis_key, lambda: delta_w_stage(cfg, pre, tuned))
+    metrics.update(st.json(f"lipschitz_row_space{tag}", {**analysis_key, "format": 2},
+                           lambda: probes_stage(cfg, mcfg, pre, models, sets)))
+    metrics["interpolation"] = st.json(f"interpolation{tag}", {**analysis_key, "format": 2},
                                        lambda: interpolation_stage(cfg, mcfg, pre, tuned, sets))
-    metrics["attack"] = st.json("attack", analysis_key, lambda: attack_stage(cfg, mcfg, tuned, sets))
-    metrics["timing"] = {**st.timing, "total_this_invocation": time.perf_counter() - t_start}
-    metrics["skipped_stages"] = st.skipped
-    summary.write(out, cfg, world, mcfg, metrics)
+    metrics["attack"] = st.json(f"attack{tag}", analysis_key, lambda: attack_stage(cfg, mcfg, tuned, sets))
     return metrics
+
+
+def parse_seeds(text: str) -> list[int]:
+    """``"0,1,2"`` -> ``[0, 1, 2]`` (an argparse type)."""
+    try:
+        seeds = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--seeds {text!r}: give comma-separated integers, e.g. 0,1,2") from None
+    if not seeds:
+        raise argparse.ArgumentTypeError("--seeds: give at least one integer, e.g. 0,1,2")
+    return seeds
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="demo", help="demo | quick | reference | path/to/config.yaml")
     parser.add_argument("--out", required=True, help="output folder (re-use it to skip finished stages)")
+    parser.add_argument("--seeds", type=parse_seeds, default=None,
+                        help="fine-tuning data orders, e.g. 0,1,2: every figure as mean ± spread (default: seed)")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. pretrain.steps=500")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)
-    metrics = run(load_config(args.config, args.overrides), args.out)
+    metrics = run(load_config(args.config, args.overrides), args.out, seeds=args.seeds)
     print(f"report: {os.path.join(args.out, 'report.md')} ({metrics['timing']['total_this_invocation']:.0f} s)")
 
 

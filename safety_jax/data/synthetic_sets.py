@@ -113,7 +113,7 @@ class SyntheticBatch:
         """The trainers' batch dict (``train/losses.py`` keys) for SSFT: ``tokens``, ``loss_mask`` [N, T] int32 —
         the whole output of safe rows, :meth:`decision_mask` of refusals (the study's cross-entropy ignores PAD
         targets); ``pad_targets=True`` trains the whole output region of every row."""
-        if pad_targets:
+        if pad_targets or self.refuse_seg is None:  # pretraining batches: their own loss mask
             return {"tokens": self.tokens, "loss_mask": self.loss_mask}
         mask = np.where(self.is_unsafe[:, None], self.decision_mask(), self.loss_mask)
         return {"tokens": self.tokens, "loss_mask": mask.astype(np.int32)}
