@@ -163,23 +163,28 @@ def row_space_basis(w: Any) -> tuple[jax.Array, jax.Array]:
     return _row_space_basis(w)
 
 
-@partial(jax.jit, static_argnames=("top_k",))
-def _row_space_alignment(x: jax.Array, s: jax.Array, vh: jax.Array, top_k: int) -> jax.Array:
+@partial(jax.jit, static_argnames=("top_k", "per_direction"))
+def _row_space_alignment(x: jax.Array, s: jax.Array, vh: jax.Array, top_k: int, per_direction: bool) -> jax.Array:
     def one(x_l, s_l, vh_l):
         weight = jnp.where(jnp.arange(s_l.shape[0]) < top_k, s_l, 0.0)
         x_hat = x_l / jnp.maximum(jnp.linalg.norm(x_l, axis=-1, keepdims=True), jnp.finfo(jnp.float32).tiny)
         cos = jnp.abs(x_hat @ vh_l.T)                                   # [N, r]; rows of vh are unit vectors
+        if per_direction:
+            return cos * (weight / weight.sum())[None, :]               # [N, r]: the terms of the sum below
         return cos @ weight / weight.sum()
     return jax.vmap(one)(x.astype(jnp.float32), s, vh)
 
 
-def row_space_alignment(x: Any, s: Any, vh: Any, *, top_k: int | None = None) -> jax.Array:
+def row_space_alignment(x: Any, s: Any, vh: Any, *, top_k: int | None = None,
+                        per_direction: bool = False) -> jax.Array:
     """Singular-value-weighted alignment of inputs with a weight's row space (Jain et al. 2024, analysis 3).
 
     ``score(x) = Σ_i s_i |cos(x, v_i)| / Σ_i s_i`` over the ``top_k`` (default: all) right singular vectors v_i of the
     HF-oriented weight (from :func:`row_space_basis`, e.g. of the pretrained ``mlp.gate`` / ``mlp.up``).
     x: ``[L, N, in]`` per-layer inputs (e.g. ``mlp_in`` at the ``>`` position) or ``[N, in]`` for every layer.
-    Returns ``[L, N]``; compare the distributions for safe and unsafe inputs.
+    Returns ``[L, N]``; compare the distributions for safe and unsafe inputs. With ``per_direction`` returns the terms
+    ``s_i |cos(x, v_i)| / Σ_j s_j`` as ``[L, N, r]`` instead (0 beyond ``top_k``), whose sum over the last axis is the
+    score.
     """
     s, vh = jnp.asarray(s), jnp.asarray(vh)
     x = jnp.asarray(x)
@@ -188,7 +193,7 @@ def row_space_alignment(x: Any, s: Any, vh: Any, *, top_k: int | None = None) ->
     if x.ndim != 3 or x.shape[0] != s.shape[0] or x.shape[-1] != vh.shape[-1]:
         raise ValueError(f"x must be [L={s.shape[0]}, N, in={vh.shape[-1]}] or [N, in], got {x.shape}")
     top_k = s.shape[1] if top_k is None else max(1, min(int(top_k), s.shape[1]))
-    return _row_space_alignment(x, s, vh, top_k)
+    return _row_space_alignment(x, s, vh, top_k, per_direction)
 
 
 @jax.jit
