@@ -107,7 +107,7 @@ def generate_answers(params: Params, config: LlamaConfig, batch: SyntheticBatch,
 def evaluate_sets(params: Params, config: LlamaConfig, sets: Sets, *, batch_size: int = 256,
                   generation: bool = True, verdicts: bool = False) -> dict[str, dict[str, Any]]:
     """Per set: ``instruct_acc`` (teacher-forced token accuracy of the true transformation on the output positions),
-    ``null_acc`` (the same for the refusal: its null first segment and ``*^``, not its PAD second segment) and,
+    ``null_acc`` (the same for the refusal on its ``decision_mask``: the null segment and ``*^``) and,
     with ``generation``, the verdict rates of greedy answers (``refused``, ``harmful``, ``correct``, ``other``; see
     ``judges.verdict_rates``). All values in [0, 1].
     ``verdicts=True`` also keeps each answer's verdict (``judges``' codes) as a list under ``"verdicts"``.
@@ -116,9 +116,9 @@ def evaluate_sets(params: Params, config: LlamaConfig, sets: Sets, *, batch_size
     """
     merged = concat_batches(list(sets.values()))
     out: dict[str, dict[str, float]] = {name: {} for name in sets}
-    for key, field in (("instruct_acc", "transform"), ("null_acc", "refusal")):
-        seqs = getattr(merged, field)
-        hits, count, _ = target_hits(params, config, seqs, merged.targets(seqs), batch_size=batch_size)
+    for key, seqs, mask in (("instruct_acc", merged.transform, merged.loss_mask),
+                            ("null_acc", merged.refusal, merged.decision_mask())):
+        hits, count, _ = target_hits(params, config, seqs, mask, batch_size=batch_size)
         for name, h, c in zip(sets, _split(hits, sets).values(), _split(count, sets).values()):
             out[name][key] = float(h.sum() / max(c.sum(), 1))
     if generation:
@@ -224,24 +224,46 @@ def attack_sweep(params: Params, config: LlamaConfig, batch: SyntheticBatch, mea
 
 
 # ---------------------------------------------------------------------------------------------------- analyses 3, 4
-def lipschitz_by_set(params: Params, config: LlamaConfig, sets: Sets, *, batch_size: int = 64) -> dict[str, float]:
-    """Mean ‖∂ max-logit / ∂ input embeddings‖ per set, the max logit taken at ``>`` (where the answer is decided)."""
+def lipschitz_by_set(params: Params, config: LlamaConfig, sets: Sets, *, batch_size: int = 64,
+                     values: bool = False) -> dict[str, Any]:
+    """Mean ‖∂ max-logit / ∂ input embeddings‖ per set, the max logit taken at ``>`` (where the answer is decided).
+
+    Returns ``{set: mean}``; with ``values`` ``{set: {"mean": float, "values": [N] per-example norms}}``.
+    """
     grad = local_lipschitz(params, config, _concat(sets, "transform"), position=_concat(sets, "gt_pos"),
                            batch_size=batch_size)["grad_norm"]
-    return {name: float(g.mean()) for name, g in _split(grad, sets).items()}
+    per_set = _split(np.asarray(grad, np.float64), sets)
+    if values:
+        return {name: {"mean": float(g.mean()), "values": g.tolist()} for name, g in per_set.items()}
+    return {name: float(g.mean()) for name, g in per_set.items()}
 
 
 def row_space_by_set(params: Params, pre_params: Params, config: LlamaConfig, sets: Sets, *,
-                     modules: Sequence[str] = ("mlp.gate", "mlp.up"), batch_size: int = 256
-                     ) -> dict[str, dict[str, list[float]]]:
+                     modules: Sequence[str] = ("mlp.gate", "mlp.up"), batch_size: int = 256,
+                     per_direction: bool = False, max_directions: int = 64) -> dict[str, dict[str, Any]]:
     """Row-space alignment (analysis 3): the MLP input at ``>`` of ``params`` against the right singular vectors of
-    the *pretrained* MLP input weights, singular-value weighted. Returns ``{module: {set: [L] mean score}}``."""
+    the *pretrained* MLP input weights, singular-value weighted. Returns ``{module: {set: [L] mean score}}``.
+
+    With ``per_direction``: ``{module: {set: {"mean": [L], "per_direction": [L][D], "rest": [L]}}}`` where
+    ``per_direction[l][i]`` is the mean over the set's examples of direction i's term ``s_i |cos(x, v_i)| / Σ_j s_j``
+    (the terms ``row_space_alignment`` sums into the score), for the top ``D = min(r, max_directions)`` directions,
+    and ``rest`` the mean of the remaining directions' terms: ``sum(per_direction[l]) + rest[l] = mean[l]``.
+    """
     gt = _concat(sets, "gt_pos")[:, None].astype(np.int32)
     x = collect_activations(params, config, _concat(sets, "transform"), capture="mlp_in", capture_positions=gt,
                             batch_size=batch_size)["mlp_in"][:, :, 0]
-    out: dict[str, dict[str, list[float]]] = {}
+    out: dict[str, dict[str, Any]] = {}
     for module in modules:
         s, vh = row_space_basis(module_matrix(pre_params, module))
-        score = np.asarray(row_space_alignment(x, s, vh))
-        out[module] = {name: v.mean(axis=1).tolist() for name, v in _split(score, sets, axis=1).items()}
+        if not per_direction:
+            score = np.asarray(row_space_alignment(x, s, vh))
+            out[module] = {name: v.mean(axis=1).tolist() for name, v in _split(score, sets, axis=1).items()}
+            continue
+        terms = np.asarray(row_space_alignment(x, s, vh, per_direction=True), np.float64)  # [L, N, r]
+        d = max(1, min(int(max_directions), terms.shape[-1]))
+        out[module] = {}
+        for name, t in _split(terms, sets, axis=1).items():
+            by_dir = t.mean(axis=1)                                                       # [L, r]
+            out[module][name] = {"mean": by_dir.sum(axis=1).tolist(), "per_direction": by_dir[:, :d].tolist(),
+                                 "rest": by_dir[:, d:].sum(axis=1).tolist()}
     return out
