@@ -127,7 +127,9 @@ def test_quick_metrics_are_sane(quick_run):
             verdicts = np.asarray(m["eval"][model][kind]["verdicts"])
             assert len(verdicts) == cfg.world.n_test
             assert np.mean(verdicts == REFUSED) == pytest.approx(m["eval"][model][kind]["refused"])
-        assert m["lipschitz"][model]["safe"] > 0
+        lip = m["lipschitz"][model]["safe"]
+        assert lip["mean"] > 0 and len(lip["values"]) == cfg.analysis.n_examples
+        assert lip["mean"] == pytest.approx(np.mean(lip["values"]), rel=1e-5)
     for model in models[1:]:
         sin = np.asarray(m["delta_w"][model]["mlp.down"]["sin_theta"], float)
         assert sin.shape[0] == n_layers and np.all((sin >= -1e-6) & (sin <= 1 + 1e-6))
@@ -261,8 +263,9 @@ def test_finetune_batches_follow_the_target_settings_and_the_data_seed():
     for key, value in batch.sft().items():
         np.testing.assert_array_equal(method_batch(cfg, world, "ssft", 0)[key], value)
     for method in ("dpo", "dpo_standard", "unlearning"):
-        for over, want in (([], batch.dpo()), (["finetune.pair_targets=output"], batch.dpo(pair_targets="output")),
-                           (["finetune.pad_targets=true"], batch.dpo(pad_targets=True))):
+        mb = safety_batches(cfg, world, 0, method)  # with the method's own overrides (quick's DPO: unsafe_frac)
+        for over, want in (([], mb.dpo()), (["finetune.pair_targets=output"], mb.dpo(pair_targets="output")),
+                           (["finetune.pad_targets=true"], mb.dpo(pad_targets=True))):
             got = method_batch(load_config("quick", ["finetune.unsafe_frac=0.5", *over]), world, method, 0)
             for key, value in want.items():
                 np.testing.assert_array_equal(got[key], value, err_msg=f"{method} {over} {key}")
@@ -287,7 +290,7 @@ def test_seeds_rerun_the_finetuning_and_report_the_spread(quick_run):
     cfg, out, _ = quick_run
     m = run(cfg, out, seeds=[cfg.seed, cfg.seed + 1])
     tag = f".seed{cfg.seed + 1}"
-    assert {"pretrain", *stages(cfg)[1:]} <= set(m["skipped_stages"])  # the first seed's stages are reused
+    assert "pretrain" in m["skipped_stages"]  # one pretrained model for every data order
     for stage in stages(cfg)[1:]:
         assert os.path.exists(os.path.join(out, stage + tag, "DONE")), stage
     seeds = m["seeds"]

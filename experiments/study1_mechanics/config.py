@@ -137,15 +137,15 @@ class FinetuneSpec:
             raise ValueError(f"{where}.pair_targets={self.pair_targets!r}; choose one of {PAIR_TARGETS}")
         if not isinstance(self.decay_steps, int) or self.decay_steps < 0:
             raise ValueError(f"{where}.decay_steps={self.decay_steps!r} must be a whole number ≥ 0 (0: the last step)")
-        if self.schedule != "constant" and (self.decay_steps or self.steps) <= self.warmup_steps:
-            raise ValueError(f"{where}: warmup_steps={self.warmup_steps} must be below decay_steps (or steps when "
-                             f"decay_steps is 0), got {self.decay_steps or self.steps}")
         if self.min_lr is not None and not float(self.min_lr) >= 0:
             raise ValueError(f"{where}.min_lr={self.min_lr!r} must be ≥ 0 (or null: 1 % of the peak)")
         for name in ("steps", "batch_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{where}.{name}={value!r} must be a whole number ≥ 1")
+        if self.schedule != "constant" and (self.decay_steps or self.steps) <= self.warmup_steps:
+            raise ValueError(f"{where}.warmup_steps={self.warmup_steps} must be below decay_steps (or steps when "
+                             f"decay_steps is 0), got {self.decay_steps or self.steps}")
 
 
 @dataclasses.dataclass(frozen=True)
