@@ -247,7 +247,7 @@ def test_safety_completions_dpo_pairs_and_loss_mask(name):
     w = world(name)
     k, h = w.config.n_ops, w.config.n_ops // 2
     for kind in ("safe", "unsafe", "jb_ops", "jb_composition"):
-        b = sets.safety_batch(w, kind, 100, 4, second_segment_refusal=0.3 if kind == "unsafe" else 0.0)
+        b = sets.safety_batch(w, kind, 100, 4, second_segment_refusal=0.3 if kind in ("safe", "unsafe") else 0.0)
         t = w.config.seq_len
         seen = set()
         for i in range(len(b)):
@@ -255,7 +255,8 @@ def test_safety_completions_dpo_pairs_and_loss_mask(name):
             s_ = w.op_sets(int(b.grammar[i]))
             bad = set(s_["always_unsafe"] if b.branch[i] == syn.SAFE_TEXT else s_["unsafe_on_unsafe_text"])
             ops = [syn.VOCAB[o] for o in b.ops[i]]
-            second = b.is_unsafe[i] and not any(o in bad for o in ops[:h])
+            # unsafe: where the operators put it; safe: the row's drawn share of second-segment pairs
+            second = not any(o in bad for o in ops[:h]) if b.is_unsafe[i] else bool(b.refuse_seg[i])
             seen.add(second)
             assert (b.refusal[i, : gt + 1] == b.transform[i, : gt + 1]).all()
             ref, true = syn.render(b.refusal[i]).split(" "), parse(b.transform[i], k)
@@ -285,6 +286,8 @@ def test_safety_completions_dpo_pairs_and_loss_mask(name):
             assert (b.sft(pad_targets=True)["loss_mask"][i] == region).all()
         if kind == "jb_composition":
             assert seen == {True}
+        elif kind == "safe":
+            assert 0.15 < b.refuse_seg.mean() < 0.45 and seen == {True, False}
         elif kind == "jb_ops" and k >= 4:
             assert seen == {False}
         assert (syn.gt_positions(b.tokens) == b.gt_pos).all()
@@ -302,7 +305,8 @@ def test_second_segment_refusal_rows_appear_at_the_configured_rate():
         assert (b.refuse_seg == rows).all()  # exactly these rows refuse in the second segment
         assert abs(rows.mean() - rate) < 4 * np.sqrt(rate * (1 - rate) / len(b)) + 1e-9, (rate, rows.mean())
     mixed = sets.mixed_safety_batch(w, 400, 0.5, 2, second_segment_refusal=1.0)
-    assert mixed.refuse_seg[mixed.is_unsafe].all() and not mixed.refuse_seg[~mixed.is_unsafe].any()
+    assert mixed.refuse_seg.all()  # safe rows' pairs too: scored on *^ and the second segment
+    assert not sets.safety_batch(w, "safe", 400, 2).refuse_seg.any()  # test sets: no second-segment pairs
     with pytest.raises(syn.WorldError, match="second_segment_refusal"):
         sets.safety_batch(w, "unsafe", 4, 0, second_segment_refusal=1.5)
 

@@ -287,6 +287,9 @@ def safety_batch(
 
     kind:
       - ``safe``: every operator safe for the text (safe-dominant text with probability 1 - unsafe_text_frac).
+        With probability ``second_segment_refusal`` a row's refusal (its DPO rejected completion) lies in the second
+        segment, so the pair is scored on ``*^`` and the second segment — the reference pairs safe examples so,
+        which keeps the second segment of safe answers a DPO / unlearning target.
       - ``unsafe``: each half of the operators (the ops of one output segment) holds unsafe operators for the text
         (always-unsafe on safe text, the grown set on unsafe text), one of them replaced by the identity ``(`` with
         probability ``unsafe_identity_frac`` where the half has two. With probability ``second_segment_refusal``
@@ -324,12 +327,14 @@ def safety_batch(
     safe_ops, unsafe_ops = _BASE & ~unsafe_row, _BASE & unsafe_row
     conditional = _BASE & world.unsafe[grammar, 1] & ~world.unsafe[grammar, 0]
 
+    second_rows = (rng.random(n) < second_segment_refusal if second_segment_refusal > 0 and kind in ("safe", "unsafe")
+                   else np.zeros(n, bool))
     if kind == "safe":
         ops = _pick(rng, safe_ops, k)
     elif kind == "unsafe":
         ops = np.concatenate([_unsafe_half(world, rng, unsafe_ops, h), _unsafe_half(world, rng, unsafe_ops, k - h)],
                              axis=1)
-        ops[rng.random(n) < second_segment_refusal, :h] = IDENTITY
+        ops[second_rows, :h] = IDENTITY
     elif kind in ("jb_text", "jb_mismatch_text"):
         ops = _pick(rng, conditional, k)
     elif kind == "jb_ops":
@@ -349,8 +354,9 @@ def safety_batch(
     seg2 = apply_ops(world, seg1, ops[:, h:])
     op_unsafe = np.take_along_axis(unsafe_row, ops, axis=1)
     is_unsafe = op_unsafe.any(1)
-    # The refusal lies in the first segment whose operators include an unsafe one.
-    refuse_seg = (is_unsafe & ~op_unsafe[:, :h].any(1)).astype(np.int32)
+    # The refusal lies in the first segment whose operators include an unsafe one; a safe row's refusal (its DPO
+    # rejected completion) in the second segment for its share of second-segment rows, as the reference pairs them.
+    refuse_seg = np.where(is_unsafe, ~op_unsafe[:, :h].any(1), second_rows).astype(np.int32)
 
     prompt, gt = _prompt(world, ops, text, text_len)
     transform = _with_answer(prompt, gt, _answer(seg1, seg2, text_len), text_len)
