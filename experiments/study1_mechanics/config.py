@@ -35,7 +35,7 @@ METHOD_FIELDS = {"ssft": (), "dpo": ("beta_chosen", "beta_rejected", "pair_targe
 BATCH_MIXES = ("per_batch", "per_example")  # fine-tuning batches: all-safe / all-unsafe, or mixed rows
 PAIR_TARGETS = ("decision", "output")  # DPO / unlearning scored on the deciding segment and *^, or every output token
 # The finetune fields that hold every run's list or rates, which a method cannot override.
-NOT_OVERRIDABLE = frozenset({"methods", "lrs", "lr_scale", "method_overrides", "method_lrs"})
+NOT_OVERRIDABLE = frozenset({"methods", "lrs", "lr_scale", "method_overrides", "method_lrs", "lr_steps"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,21 +74,21 @@ class PretrainSpec:
 class FinetuneSpec:
     """Safety fine-tuning: each method at each learning rate. ``batch_mix="per_batch"`` (the study's): each batch is
     all-unsafe w.p. ``unsafe_frac``, else all-safe; ``"per_example"``: every batch holds ``unsafe_frac`` unsafe rows.
-    ``lr_scale`` multiplies every named learning rate of one method (default 1: the study uses one η for all
-    methods); ``method_overrides`` gives one method its own value of any other field, e.g.
-    ``{dpo: {steps: 2000, unsafe_frac: 0.5625}}`` (:meth:`for_method` resolves them). DPO: the study's
-    asymmetric variant (β_w, β_l, length-normalised by T−1) and standard sigmoid DPO (β, summed log-probs);
-    unlearning ℓ(chosen) − ``rejected_weight``·ℓ(rejected). SSFT trains a refusal on its null segment and ``*^``
-    and a safe answer on its whole output; DPO and unlearning score both completions on the segment that decides
-    (the refusal's) and ``*^`` only (``pair_targets="decision"``, the reference, which sets the other segment to
-    PAD) or on all their output tokens (``"output"``); ``pad_targets`` trains on every position of the output
-    region instead. ``second_segment_refusal``: the share of unsafe training rows whose first half of operators is
-    ``(`` and whose refusal lies in the second segment (the reference's 0.2). ``method_lrs`` restricts a method to
-    some of the named learning rates (e.g. a contrast run at η_M only). ``start_from`` (usually set per method):
-    ``"pretrained"``, or the method whose fine-tuned model (at the same named learning rate) this method starts from
-    and, for DPO, takes as its frozen reference — the DPO paper's recipe when the preferred completions are not the
-    model's own: first fit them by maximum likelihood (here SSFT, whose targets are exactly DPO's chosen completions),
-    then run DPO from there."""
+    ``lr_scale`` multiplies every named learning rate of one method (default 1: the study uses one η for all methods);
+    ``method_overrides`` gives one method its own value of any other field, e.g. ``{dpo: {steps: 2000, unsafe_frac:
+    0.5625}}`` (:meth:`for_method` resolves them). DPO: the study's asymmetric variant (β_w, β_l, length-normalised by
+    T−1) and standard sigmoid DPO (β, summed log-probs); unlearning ℓ(chosen) − ``rejected_weight``·ℓ(rejected). SSFT
+    trains a refusal on its null segment and ``*^`` and a safe answer on its whole output; DPO and unlearning score both
+    completions on the segment that decides (the refusal's) and ``*^`` only (``pair_targets="decision"``, the reference,
+    which sets the other segment to PAD) or on all their output tokens (``"output"``); ``pad_targets`` trains on every
+    position of the output region instead. ``second_segment_refusal``: the share of unsafe training rows whose first
+    half of operators is ``(`` and whose refusal lies in the second segment (the reference's 0.2). ``method_lrs``
+    restricts a method to some of the named learning rates (e.g. a contrast run at η_M only); ``lr_steps`` gives the
+    runs at one named learning rate their own number of steps (e.g. shorter η_S runs), in place of ``steps`` and its
+    overrides. ``start_from`` (usually set per method): ``"pretrained"``, or the method whose fine-tuned model (at the
+    same named learning rate) this method starts from and, for DPO, takes as its frozen reference — the DPO paper's
+    recipe when the preferred completions are not the model's own: first fit them by maximum likelihood (here SSFT,
+    whose targets are exactly DPO's chosen completions), then run DPO from there."""
 
     methods: list[str] = dataclasses.field(default_factory=lambda: list(METHODS))
     lrs: dict[str, float] = dataclasses.field(default_factory=lambda: {"eta_M": 1e-4, "eta_S": 1e-5})
@@ -112,11 +112,16 @@ class FinetuneSpec:
     pair_targets: str = "decision"  # DPO / unlearning: "decision" (the reference) or "output"
     second_segment_refusal: float = 0.2  # unsafe training rows refused in the second segment (the reference's)
     method_lrs: dict[str, list[str]] = dataclasses.field(default_factory=dict)  # method -> lr names it runs at
+    lr_steps: dict[str, int] = dataclasses.field(default_factory=dict)  # lr name -> steps of its runs (default steps)
     start_from: str = "pretrained"  # or a method: start from its model (at the same named lr); DPO's reference too
 
     def for_method(self, method: str) -> FinetuneSpec:
         """This spec with ``method``'s overrides applied (and no overrides left)."""
         return dataclasses.replace(self, **self.method_overrides.get(method, {}), method_overrides={})
+
+    def steps_at(self, method: str, lr_name: str) -> int:
+        """Steps of ``method``'s run at the named learning rate: ``lr_steps[lr_name]``, else its ``steps``."""
+        return self.lr_steps.get(lr_name, self.for_method(method).steps)
 
     def key_for(self, method: str) -> dict[str, Any]:
         """The fields one method's fine-tuning depends on (its stage's cache key): the shared ones and its own
@@ -217,6 +222,10 @@ class StudyConfig:
                 m = f.for_method(m).start_from
         if not self.finetune.lrs:
             raise ValueError("finetune.lrs is empty: give at least one {name: learning rate}")
+        bad = {k: v for k, v in f.lr_steps.items() if k not in f.lrs or not isinstance(v, int) or v < 1}
+        if bad:
+            raise ValueError(f"finetune.lr_steps: {bad} — keys must be names in finetune.lrs ({', '.join(f.lrs)}), "
+                             "values whole numbers ≥ 1")
         for method, names in f.method_lrs.items():
             if method not in METHODS or not isinstance(names, list) or not set(names) <= set(f.lrs) or not names:
                 raise ValueError(f"finetune.method_lrs.{method}={names!r}: keys must be methods "

@@ -186,9 +186,10 @@ def method_batch(cfg: StudyConfig, world: World, method: str, step: int,
 
 
 def finetune(cfg: StudyConfig, world: World, mcfg: LlamaConfig, init: Params, method: str, lr: float,
-             out_dir: str, data_seed: int | None = None) -> Params:
+             out_dir: str, data_seed: int | None = None, steps: int | None = None) -> Params:
     """One safety fine-tuning run from ``init`` (the pretrained params, or the model of the method it starts from,
-    which is also DPO's frozen reference), with ``finetune`` and ``method``'s overrides, data order ``data_seed``."""
+    which is also DPO's frozen reference), with ``finetune`` and ``method``'s overrides, data order ``data_seed``,
+    ``steps`` (default the method's)."""
     f = cfg.finetune.for_method(method)
     loss_fn = {
         "ssft": lambda: losses.make_sft_loss(mcfg),
@@ -200,7 +201,7 @@ def finetune(cfg: StudyConfig, world: World, mcfg: LlamaConfig, init: Params, me
     batches = StepBatches(functools.partial(method_batch, cfg, world, method, data_seed=data_seed))
     # DPO's reference = the frozen starting params, its log-probs computed inside the step (no extra compile).
     aux = {"ref_params": init} if method.startswith("dpo") else None
-    steps = f.steps
+    steps = f.steps if steps is None else steps
     ocfg = OptimConfig(lr=lr, schedule=f.schedule, warmup_steps=f.warmup_steps, total_steps=f.decay_steps or steps,
                        min_lr_ratio=0.01 if f.min_lr is None else min(f.min_lr / lr, 1.0), weight_decay=f.weight_decay)
     state, history = train(loss_fn, build_optimizer(ocfg, init), init, batches,
@@ -316,7 +317,8 @@ def run_budgets(cfg: StudyConfig) -> dict[str, dict[str, Any]]:
     out = {}
     for name, (method, lr) in finetune_runs(cfg).items():
         f = cfg.finetune.for_method(method)
-        out[name] = {"method": method, "lr_name": name.split("@", 1)[1], "lr": lr, "steps": f.steps,
+        out[name] = {"method": method, "lr_name": name.split("@", 1)[1], "lr": lr,
+                     "steps": cfg.finetune.steps_at(method, name.split("@", 1)[1]),
                      "batch_size": f.batch_size, "unsafe_frac": f.unsafe_frac, "batch_mix": f.batch_mix,
                      "start_from": f.start_from}
     return out
@@ -393,6 +395,7 @@ def seed_metrics(cfg: StudyConfig, st: Stages, world: World, mcfg: LlamaConfig, 
         method, lr = runs[name]
         parent = start_run(cfg, name)
         ft_keys[name] = {**pre_key, "finetune": cfg.finetune.key_for(method), "lr": lr, "data_seed": data_seed,
+                         "steps": cfg.finetune.steps_at(method, name.split("@", 1)[1]),
                          **({"start": ft_keys[parent]} if parent else {})}
     eval_key = {**{k: v for k, v in c.items() if k not in ("name", "notes", "analysis")}, "models": ft_keys}
     analysis_key = {**eval_key, "analysis": c["analysis"]}
@@ -402,8 +405,9 @@ def seed_metrics(cfg: StudyConfig, st: Stages, world: World, mcfg: LlamaConfig, 
         method, lr = runs[name]
         init = tuned[parent] if (parent := start_run(cfg, name)) else pre
         tuned[name] = st.model(f"finetune_{name}{tag}", ft_keys[name], mcfg, world,
-                               lambda d, m=method, lr=lr, init=init: finetune(cfg, world, mcfg, init, m, lr, d,
-                                                                              data_seed))
+                               lambda d, m=method, lr=lr, init=init, n=name: finetune(
+                                   cfg, world, mcfg, init, m, lr, d, data_seed,
+                                   cfg.finetune.steps_at(m, n.split("@", 1)[1])))
     tuned = {name: tuned[name] for name in runs}  # the config's order
     models = {"pretrained": pre, **tuned}
 
