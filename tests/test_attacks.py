@@ -53,6 +53,11 @@ def test_local_lipschitz_matches_per_example_grad_and_finite_differences(tiny):
             v, h = g / ref, 1e-4
             fd = (max_logit(e + h * v, tokens[i], mask[i], pos) - max_logit(e - h * v, tokens[i], mask[i], pos)) / 2 / h
             np.testing.assert_allclose(fd, ref, rtol=2e-2)
+        # the reference's variant: the norm over the embeddings before the differentiated position only
+        before = local_lipschitz(params, cfg, tokens, mask, position=position, include_position=False, batch_size=2)
+        for i, pos in enumerate(last_token_index(mask) if position is None else position):
+            g = np.asarray(grad_fn(params["embed"][tokens[i]].astype(jnp.float32), tokens[i], mask[i], pos))
+            np.testing.assert_allclose(before["grad_norm"][i], np.linalg.norm(g[:pos]), rtol=1e-4)
 
 
 def _attack_batch(cfg):

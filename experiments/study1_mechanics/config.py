@@ -174,6 +174,7 @@ class AnalysisSpec:
     attack_rounds: int = 3
     attack_steps_per_round: int = 20
     attack_lr: float = 0.1
+    lipschitz_include_gt: bool = True  # the norm includes ">"'s own embedding (false: the reference's, without it)
 
 
 @dataclasses.dataclass(frozen=True)

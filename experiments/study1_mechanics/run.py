@@ -264,7 +264,8 @@ def probes_stage(cfg: StudyConfig, mcfg: LlamaConfig, pre: Params, models: dict[
     small = head({k: sets[k] for k in ("safe", "unsafe")}, cfg.analysis.n_examples)
     out: dict[str, Any] = {"lipschitz": {}, "row_space": {}}
     for name, params in tqdm(models.items(), desc="lipschitz + row space"):
-        out["lipschitz"][name] = harness.lipschitz_by_set(params, mcfg, small, values=True)
+        out["lipschitz"][name] = harness.lipschitz_by_set(params, mcfg, small, values=True,
+                                                          include_gt=cfg.analysis.lipschitz_include_gt)
         out["row_space"][name] = harness.row_space_by_set(params, pre, mcfg, small, batch_size=cfg.eval.batch_size,
                                                           per_direction=True)
     return out

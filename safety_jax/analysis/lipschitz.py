@@ -27,9 +27,10 @@ def last_token_index(attention_mask: np.ndarray) -> np.ndarray:
     return (mask.shape[1] - 1 - np.argmax(mask[:, ::-1], axis=1)).astype(np.int32)
 
 
-@partial(jax.jit, static_argnames=("config",))
+@partial(jax.jit, static_argnames=("config", "include_position"))
 def _lipschitz_batch(params: Params, tokens: jax.Array, attention_mask: jax.Array, position: jax.Array,
-                     positions: jax.Array | None, *, config: LlamaConfig) -> dict[str, jax.Array]:
+                     positions: jax.Array | None, *, config: LlamaConfig, include_position: bool
+                     ) -> dict[str, jax.Array]:
     embeds = jnp.take(params["embed"], tokens, axis=0).astype(jnp.float32)
     rows = jnp.arange(tokens.shape[0])
 
@@ -39,16 +40,20 @@ def _lipschitz_batch(params: Params, tokens: jax.Array, attention_mask: jax.Arra
         return m.sum(), m
 
     grad, m = jax.grad(max_logit, has_aux=True)(embeds)
+    if not include_position:  # only the embeddings before `position` (the reference: the input without its `>`)
+        grad = jnp.where(jnp.arange(tokens.shape[1])[None, :, None] < position[:, None, None], grad, 0.0)
     return {"grad_norm": jnp.sqrt(jnp.sum(jnp.square(grad), axis=(1, 2))), "max_logit": m}
 
 
 def local_lipschitz(params: Params, config: LlamaConfig, tokens: np.ndarray, attention_mask: np.ndarray | None = None,
                     *, position: np.ndarray | None = None, positions: np.ndarray | None = None,
-                    batch_size: int = 32) -> dict[str, np.ndarray]:
+                    include_position: bool = True, batch_size: int = 32) -> dict[str, np.ndarray]:
     """‖∂ max-logit / ∂ input embeddings‖ per example (Jain et al. 2024, analysis 4).
 
     tokens, attention_mask, positions: [N, T]. position: [N] index whose max logit is differentiated (default: the
-    last non-pad token). Streams fixed-shape batches through one jitted gradient.
+    last non-pad token). ``include_position=False`` takes the norm over the embeddings before ``position`` only
+    (the reference's: the input up to, not including, ``>``). Streams fixed-shape batches through one jitted
+    gradient.
     Returns ``{"grad_norm": [N], "max_logit": [N]}``.
     """
     tokens = np.asarray(tokens)
@@ -62,5 +67,5 @@ def local_lipschitz(params: Params, config: LlamaConfig, tokens: np.ndarray, att
     if position.shape != (tokens.shape[0],) or position.min() < 0 or position.max() >= tokens.shape[1]:
         raise ValueError(f"position must be [N={tokens.shape[0]}] indices in [0, {tokens.shape[1]}), "
                          f"got shape {position.shape}")
-    fn = partial(_lipschitz_batch, params, config=config)
+    fn = partial(_lipschitz_batch, params, config=config, include_position=include_position)
     return map_batches(fn, tokens, attention_mask, position, positions, batch_size=batch_size)

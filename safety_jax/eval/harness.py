@@ -225,13 +225,14 @@ def attack_sweep(params: Params, config: LlamaConfig, batch: SyntheticBatch, mea
 
 # ---------------------------------------------------------------------------------------------------- analyses 3, 4
 def lipschitz_by_set(params: Params, config: LlamaConfig, sets: Sets, *, batch_size: int = 64,
-                     values: bool = False) -> dict[str, Any]:
-    """Mean ‖∂ max-logit / ∂ input embeddings‖ per set, the max logit taken at ``>`` (where the answer is decided).
+                     values: bool = False, include_gt: bool = True) -> dict[str, Any]:
+    """Mean ‖∂ max-logit / ∂ input embeddings‖ per set, the max logit taken at ``>`` (where the answer is decided);
+    ``include_gt=False`` leaves ``>``'s own embedding out of the norm, as the reference does.
 
     Returns ``{set: mean}``; with ``values`` ``{set: {"mean": float, "values": [N] per-example norms}}``.
     """
     grad = local_lipschitz(params, config, _concat(sets, "transform"), position=_concat(sets, "gt_pos"),
-                           batch_size=batch_size)["grad_norm"]
+                           include_position=include_gt, batch_size=batch_size)["grad_norm"]
     per_set = _split(np.asarray(grad, np.float64), sets)
     if values:
         return {name: {"mean": float(g.mean()), "values": g.tolist()} for name, g in per_set.items()}
