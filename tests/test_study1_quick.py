@@ -296,7 +296,7 @@ def test_seeds_rerun_the_finetuning_and_report_the_spread(quick_run):
     seeds = m["seeds"]
     assert seeds["seeds"] == [cfg.seed, cfg.seed + 1]
     assert all(len(row["values"]) == 2 for row in seeds["acceptance"])
-    assert [c["key"] for c in seeds["claims"]] == [c["key"] for c in assess_claims(m)]
+    assert [c["key"] for c in seeds["claims"]] == [c.key for c in assess_claims(m)]
     with open(os.path.join(out, "report.md")) as f:
         assert "seeds" in f.read().lower()
 
