@@ -856,11 +856,11 @@ def acceptance_reading(metrics: Mapping[str, Any], checks: Sequence[Mapping[str,
                      f"{rule['text_family']['refused']:.0%} of those whose text family decides)" if rule else "")
             out.append(f"{m} refuses only {ev['unsafe']['refused']:.0%} of standard unsafe inputs{split}.")
             if method == "dpo":
-                out.append("The study's DPO scores whole sequences: the refusal's continuation (null letters, then "
-                           "`*^` and padding) was far less likely under the reference than its first letter, so "
-                           "learning the continuation raises the margin and σ lowers the example's weight before the "
-                           "first answer token — the one greedy decoding decides on — is sharp; a method that trains "
-                           "every token (SSFT, unlearning) does not stall there.")
+                out.append("The study's DPO scores each completion as one sequence: the refusal's continuation (its "
+                           "remaining null letters and `*^`) was far less likely under the reference than its first "
+                           "letter, so learning the continuation raises the margin and σ lowers the example's weight "
+                           "before the first answer token — the one greedy decoding decides on — is sharp; a method "
+                           "that trains every token with its own loss (SSFT) does not stall there.")
     if not failed:
         notes.append("Every check of the study's methods passes.")
     if contrast_notes:
