@@ -76,6 +76,10 @@ def _shrink_note(cfg: StudyConfig, world: World, mcfg: LlamaConfig) -> str:
         ", ".join(f"{k} = {v:g}" for k, v in ft.lrs.items()) +
         ("; learning rate × " + ", ".join(f"{v:g} for {m}" for m, v in ft.lr_scale.items()) if ft.lr_scale else "") +
         f" (reference η_M = 1e-4, η_S = 1e-5); {ft.steps} steps of batch {ft.batch_size}" +
+        "".join(f" ({v} at {k})" for k, v in ft.lr_steps.items()) +
+        ("".join(f"; {m} at {', '.join(n)} only" for m, n in ft.method_lrs.items())) +
+        f"; {ft.second_segment_refusal:.0%} second-segment refusal rows, pairs scored on `{ft.pair_targets}` "
+        "positions" +
         f", {mix}" + "".join(f"; for {m}: " + ", ".join(f"{k} {v}" for k, v in o.items())
                              for m, o in ft.method_overrides.items()) + "; "
         f"DPO β_w = {ft.beta_chosen}, β_l = {ft.beta_rejected} (study "
