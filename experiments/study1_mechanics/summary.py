@@ -211,7 +211,7 @@ def _tau_grid(metrics: Mapping[str, Any]) -> Any:
     if not models:
         raise _Skip("no fine-tuned model has τ metrics")
     methods, lrs = _grid_axes(models)
-    fig, axes = _subplots(len(methods), len(lrs), sharey=True)
+    fig, axes = _subplots(len(methods), len(lrs), sharey="row")
     pre = tau.get("pretrained", {})
     for i, method in enumerate(methods):
         for j, lr in enumerate(lrs):
