@@ -1,5 +1,6 @@
 """Study 1's report on fake metrics (no training): the contrast row, the seeds section and every figure; and the
-harness's per-example Lipschitz values and per-direction row-space scores against numpy on a tiny random Llama."""
+synthetic-world evaluation's per-example Lipschitz values and per-direction row-space scores against numpy on a tiny
+random Llama."""
 
 from __future__ import annotations
 
@@ -192,7 +193,7 @@ def test_report_on_one_lr_one_layer_and_an_older_run(tmp_path, monkeypatch):
     assert "–" not in row and row.count("|") == 8
 
 
-# ---------------------------------------------------------------------------------------------------- harness
+# ---------------------------------------------------------------------------------------- synthetic_world
 @pytest.fixture(scope="module")
 def tiny_model():
     from safety_jax.data.synthetic_sets import safety_batch
@@ -208,7 +209,7 @@ def tiny_model():
 def test_row_space_per_direction_scores_sum_to_the_scalar_score(tiny_model):
     from safety_jax.analysis.activations import collect_activations
     from safety_jax.analysis.weights import module_matrix
-    from safety_jax.eval.harness import row_space_by_set
+    from safety_jax.eval.synthetic_world import row_space_by_set
 
     mcfg, params, pre, sets = tiny_model
     plain = row_space_by_set(params, pre, mcfg, sets, batch_size=8)
@@ -240,7 +241,7 @@ def test_row_space_per_direction_scores_sum_to_the_scalar_score(tiny_model):
 
 
 def test_lipschitz_values_are_the_per_example_norms_behind_the_mean(tiny_model):
-    from safety_jax.eval.harness import lipschitz_by_set
+    from safety_jax.eval.synthetic_world import lipschitz_by_set
 
     mcfg, params, _, sets = tiny_model
     means = lipschitz_by_set(params, mcfg, sets, batch_size=8)

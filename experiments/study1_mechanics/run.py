@@ -48,7 +48,7 @@ from safety_jax.data.synthetic_sets import (
     pretrain_batch,
     safety_batch,
 )
-from safety_jax.eval import harness
+from safety_jax.eval import synthetic_world
 from safety_jax.model.config import LlamaConfig, get_preset
 from safety_jax.model.hf import load_hf, save_hf
 from safety_jax.model.llama import LINEAR_MODULES, Params, init_params
@@ -235,10 +235,11 @@ def refusal_by_rule(world: World, sets, evaluation: dict[str, Any]) -> dict[str,
 def tau_stage(cfg: StudyConfig, mcfg: LlamaConfig, models: dict[str, Params], sets) -> dict[str, Any]:
     out: dict[str, Any] = {"tau": {}, "separation": {}}
     for name, params in tqdm(models.items(), desc="tau"):
-        taus = harness.tau_by_set(harness.window_features(params, mcfg, sets, width=cfg.analysis.tau_width,
-                                                          batch_size=cfg.eval.batch_size))
-        out["tau"][name] = harness.summarise_taus(taus)
-        out["separation"][name] = harness.separation(taus)
+        feats = synthetic_world.window_features(params, mcfg, sets, width=cfg.analysis.tau_width,
+                                                batch_size=cfg.eval.batch_size)
+        taus = synthetic_world.tau_by_set(feats)
+        out["tau"][name] = synthetic_world.summarise_taus(taus)
+        out["separation"][name] = synthetic_world.separation(taus)
     return out
 
 
@@ -264,10 +265,10 @@ def probes_stage(cfg: StudyConfig, mcfg: LlamaConfig, pre: Params, models: dict[
     small = head({k: sets[k] for k in ("safe", "unsafe")}, cfg.analysis.n_examples)
     out: dict[str, Any] = {"lipschitz": {}, "row_space": {}}
     for name, params in tqdm(models.items(), desc="lipschitz + row space"):
-        out["lipschitz"][name] = harness.lipschitz_by_set(params, mcfg, small, values=True,
-                                                          include_gt=cfg.analysis.lipschitz_include_gt)
-        out["row_space"][name] = harness.row_space_by_set(params, pre, mcfg, small, batch_size=cfg.eval.batch_size,
-                                                          per_direction=True)
+        out["lipschitz"][name] = synthetic_world.lipschitz_by_set(params, mcfg, small, values=True,
+                                                                  include_gt=cfg.analysis.lipschitz_include_gt)
+        out["row_space"][name] = synthetic_world.row_space_by_set(params, pre, mcfg, small,
+                                                                  batch_size=cfg.eval.batch_size, per_direction=True)
     return out
 
 
@@ -278,13 +279,14 @@ def interpolation_stage(cfg: StudyConfig, mcfg: LlamaConfig, pre: Params, models
         rows = []
         for alpha in tqdm(cfg.analysis.alphas, desc=f"interpolate {name}"):
             params = interpolate_params(pre, ft, alpha)
-            ev = harness.evaluate_sets(params, mcfg, small, batch_size=cfg.eval.batch_size)
-            taus = harness.tau_by_set(harness.window_features(params, mcfg, small, width=cfg.analysis.tau_width,
-                                                              batch_size=cfg.eval.batch_size))
+            ev = synthetic_world.evaluate_sets(params, mcfg, small, batch_size=cfg.eval.batch_size)
+            feats = synthetic_world.window_features(params, mcfg, small, width=cfg.analysis.tau_width,
+                                                    batch_size=cfg.eval.batch_size)
+            taus = synthetic_world.tau_by_set(feats)
             rows.append({"alpha": alpha, "safe_instruct_acc": ev["safe"]["instruct_acc"],
                          "unsafe_null_acc": ev["unsafe"]["null_acc"], "unsafe_refused": ev["unsafe"]["refused"],
                          "unsafe_harmful": ev["unsafe"]["harmful"], "safe_correct": ev["safe"]["correct"],
-                         "separation": float(harness.separation(taus).mean()), "n": len(small["unsafe"])})
+                         "separation": float(synthetic_world.separation(taus).mean()), "n": len(small["unsafe"])})
         out[name] = rows
     return out
 
@@ -295,12 +297,12 @@ def attack_stage(cfg: StudyConfig, mcfg: LlamaConfig, models: dict[str, Params],
     target = sets["unsafe"].take(slice(0, a.attack_n))
     out = {}
     for name, params in tqdm(models.items(), desc="soft-token attacks"):
-        feats = harness.window_features(params, mcfg, ref, width=a.tau_width, batch_size=cfg.eval.batch_size)
+        feats = synthetic_world.window_features(params, mcfg, ref, width=a.tau_width, batch_size=cfg.eval.batch_size)
         means = (feats["safe"].mean(axis=1), feats["unsafe"].mean(axis=1))
-        out[name] = harness.attack_sweep(params, mcfg, target, means, num_soft=a.attack_num_soft,
-                                         rounds=a.attack_rounds, steps_per_round=a.attack_steps_per_round,
-                                         lr=a.attack_lr, width=a.tau_width, seed=cfg.seed,
-                                         batch_size=cfg.eval.batch_size)
+        out[name] = synthetic_world.attack_sweep(params, mcfg, target, means, num_soft=a.attack_num_soft,
+                                                 rounds=a.attack_rounds, steps_per_round=a.attack_steps_per_round,
+                                                 lr=a.attack_lr, width=a.tau_width, seed=cfg.seed,
+                                                 batch_size=cfg.eval.batch_size)
     return out
 
 
@@ -419,7 +421,7 @@ def seed_metrics(cfg: StudyConfig, st: Stages, world: World, mcfg: LlamaConfig, 
                      for name in tuned}}
     # "format": 4 = verdicts kept, null_acc on the decision mask; result folders of earlier formats are recomputed.
     metrics["eval"] = st.json(f"evaluate{tag}", {**eval_key, "format": 4}, lambda: {
-        name: harness.evaluate_sets(p, mcfg, sets, batch_size=cfg.eval.batch_size, verdicts=True)
+        name: synthetic_world.evaluate_sets(p, mcfg, sets, batch_size=cfg.eval.batch_size, verdicts=True)
         for name, p in tqdm(models.items(), desc="evaluate")})
     metrics["boundary"] = refusal_by_rule(world, sets, metrics["eval"])
     metrics.update(st.json(f"tau{tag}", analysis_key, lambda: tau_stage(cfg, mcfg, models, sets)))

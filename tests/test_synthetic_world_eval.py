@@ -7,7 +7,7 @@ from hf_models import hf_forward, jax_from_hf, make_hf_model
 
 from safety_jax.data.synthetic import build_world, get_world_config
 from safety_jax.data.synthetic_sets import safety_batch
-from safety_jax.eval.harness import evaluate_sets
+from safety_jax.eval.synthetic_world import evaluate_sets
 
 
 def _accuracy(logits: np.ndarray, tokens: np.ndarray, region: np.ndarray) -> float:

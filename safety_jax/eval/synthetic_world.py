@@ -1,4 +1,4 @@
-"""Evaluation harness for the synthetic safety world: generate → judge → metrics, and the per-example quantities the
+"""Evaluation on the synthetic safety world: generate → judge → metrics, and the per-example quantities the
 analyses of Jain et al. 2024 (arXiv 2407.10264) are built from.
 
 Every function takes params, a model config and :class:`~safety_jax.data.synthetic_sets.SyntheticBatch` sets and
