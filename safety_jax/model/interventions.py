@@ -11,6 +11,7 @@ layers where ``layers`` is non-zero and the token positions where ``positions`` 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -19,6 +20,12 @@ from flax import struct
 
 SITES = ("resid_pre", "attn_out", "mlp_out", "resid_post")
 KINDS = ("add", "project_out", "set")
+# Which tokens an intervention edits during generation (``generate``); the cached decode follows the new tokens.
+#   all          every position, prompt and generated
+#   prompt       the (non-pad) prompt tokens
+#   last_prompt  the last prompt token only (the position whose logits give the first new token)
+#   generated    every generated token, fed back at each decode step
+TOKEN_SELECTORS = ("all", "prompt", "last_prompt", "generated")
 
 
 @struct.dataclass
@@ -26,7 +33,8 @@ class Intervention:
     """One edit of the residual stream. Arrays are per layer so a scan over layers can carry them.
 
     direction: [L, D] (unit-normalised inside for ``project_out``/``set``); coeff: [L]; layers: [L] (1 = active);
-    positions: [B, T] mask or None for every position.
+    positions: [B, T] mask or None for every position; tokens: a name from ``TOKEN_SELECTORS``, resolved by
+    ``generate`` into a mask per phase (a full ``forward`` takes masks only).
     """
 
     direction: jax.Array
@@ -35,6 +43,7 @@ class Intervention:
     positions: jax.Array | None = None
     kind: str = struct.field(pytree_node=False, default="add")
     site: str = struct.field(pytree_node=False, default="resid_pre")
+    tokens: str = struct.field(pytree_node=False, default="all")
 
 
 def make_intervention(kind: str, direction: Any, num_layers: int, *, site: str = "resid_pre", coeff: Any = 1.0,
@@ -42,7 +51,8 @@ def make_intervention(kind: str, direction: Any, num_layers: int, *, site: str =
     """Build an :class:`Intervention` from friendly inputs.
 
     direction: [D] (same for every layer) or [L, D]; coeff: scalar or [L]; layers: None (all), an iterable of layer
-    indices, or an [L] mask; positions: None (all) or a [B, T] mask.
+    indices, or an [L] mask; positions: None (all), a [B, T] mask, or a name from ``TOKEN_SELECTORS`` for use in
+    ``generate`` ("last_prompt", "generated", ...).
     """
     if kind not in KINDS:
         raise ValueError(f"intervention kind {kind!r}; choose one of {KINDS}")
@@ -65,20 +75,35 @@ def make_intervention(kind: str, direction: Any, num_layers: int, *, site: str =
                 raise ValueError(f"intervention layers {idx.tolist()} out of range 0..{num_layers - 1}")
             mask = jnp.zeros((num_layers,), jnp.float32).at[idx].set(1.0)
     coeff = jnp.broadcast_to(jnp.asarray(coeff, jnp.float32), (num_layers,))
+    tokens = "all"
+    if isinstance(positions, str):
+        if positions not in TOKEN_SELECTORS:
+            raise ValueError(f"intervention positions={positions!r}; choose a [B, T] mask or one of {TOKEN_SELECTORS}")
+        tokens, positions = positions, None
     if positions is not None:
         positions = jnp.asarray(positions, jnp.float32)
         if positions.ndim != 2:
             raise ValueError(f"intervention positions must be a [B, T] mask, got shape {positions.shape}")
-    return Intervention(direction=direction, coeff=coeff, layers=mask, positions=positions, kind=kind, site=site)
+    return Intervention(direction=direction, coeff=coeff, layers=mask, positions=positions, kind=kind, site=site,
+                        tokens=tokens)
 
 
 def directional_ablation(direction: Any, num_layers: int, positions: Any = None) -> tuple[Intervention, ...]:
     """Remove a direction from the residual stream everywhere: at every block input, attention and MLP output.
 
-    With these three edits every hidden state of the model has zero component along the direction.
+    With these three edits every hidden state of the model has zero component along the direction. positions as in
+    :func:`make_intervention` (a mask or a token selector).
     """
     return tuple(make_intervention("project_out", direction, num_layers, site=s, positions=positions)
                  for s in ("resid_pre", "attn_out", "mlp_out"))
+
+
+def check_forward_interventions(interventions: Sequence[Intervention]) -> None:
+    """A full forward has no prompt/generated split: token selectors other than "all" belong to ``generate``."""
+    for iv in interventions:
+        if iv.tokens != "all":
+            raise ValueError(f"intervention positions={iv.tokens!r} applies inside generate(); in forward() pass a "
+                             "[B, T] positions mask (e.g. 1 at the last prompt token)")
 
 
 def apply_interventions(x: jax.Array, interventions: tuple[tuple[Intervention, dict], ...], site: str,

@@ -30,7 +30,7 @@ import numpy as np
 
 from safety_jax.model.attention import attention
 from safety_jax.model.config import LlamaConfig
-from safety_jax.model.interventions import Intervention, apply_interventions
+from safety_jax.model.interventions import Intervention, apply_interventions, check_forward_interventions
 from safety_jax.model.sharding import constrain
 
 Params = dict[str, Any]
@@ -65,6 +65,7 @@ ACT_EMBED = ("batch", "seq", None)
 ACT_MLP = ("batch", "seq", "mlp")
 ACT_HEADS = ("batch", "seq", "heads", None)
 ACT_KV = ("batch", "seq", "kv_heads", None)
+ACT_CACHE = ("layers", "batch", None, "kv_heads", None)  # the KV cache [L, B, S, K, H]
 LINEAR_MODULES = ("attn.q", "attn.k", "attn.v", "attn.o", "mlp.gate", "mlp.up", "mlp.down")
 
 # ``remat=`` names: what each decoder block keeps for the backward pass (the rest is recomputed).
@@ -228,7 +229,11 @@ def _decoder(params: Params, tokens: jax.Array, config: LlamaConfig, *, position
              kv_valid: jax.Array, q_slots: jax.Array, cache: dict | None, capture: Sequence[str],
              capture_positions: jax.Array | None, interventions: Sequence[Intervention], lora: Params | None,
              lora_scale: float, remat: bool | str, input_embeds: jax.Array | None, lora_dropout: float = 0.0,
-             dropout_rng: jax.Array | None = None):
+             dropout_rng: jax.Array | None = None, attend_cache: bool = True):
+    """The layer scan. With ``cache`` ({k, v: [L, B, S, K, H], index}) the cache rides in the scan carry and each
+    layer writes its new keys/values with one ``dynamic_update_slice`` (in place: no per-step copy of the cache);
+    ``attend_cache=False`` (a prefill into an empty cache) attends within the chunk only instead of over all S slots.
+    Returns (final normed hidden [B, T, D], captured, updated cache or None)."""
     dtype = config.dtype
     if input_embeds is not None:
         x = input_embeds.astype(dtype)
@@ -239,8 +244,9 @@ def _decoder(params: Params, tokens: jax.Array, config: LlamaConfig, *, position
     lora_layers = (lora or {}).get("layers", {})
     iv_static = tuple(interventions)
 
-    def block(x, layer):
-        w, lw, ivs, layer_cache = layer["w"], layer["lora"], layer["iv"], layer["cache"]
+    def block(carry, layer):
+        x, kv = carry
+        w, lw, ivs = layer["w"], layer["lora"], layer["iv"]
         ivp = tuple(zip(iv_static, ivs))
 
         def drop(i: int) -> tuple[float, jax.Array] | None:
@@ -264,13 +270,15 @@ def _decoder(params: Params, tokens: jax.Array, config: LlamaConfig, *, position
         v = _linear(h, w["attn"]["v"], "btd,dkh->btkh", la.get("v"), lora_scale, drop(2))
         q, k = constrain(apply_rope(q, cos, sin), ACT_HEADS), constrain(apply_rope(k, cos, sin), ACT_KV)
         v = constrain(v, ACT_KV)
-        new_cache = None
-        if layer_cache is not None:
-            start = layer_cache["index"]
-            k_all = jax.lax.dynamic_update_slice_in_dim(layer_cache["k"], k.astype(layer_cache["k"].dtype), start, 1)
-            v_all = jax.lax.dynamic_update_slice_in_dim(layer_cache["v"], v.astype(layer_cache["v"].dtype), start, 1)
-            new_cache = {"k": k_all, "v": v_all}
-            k, v = k_all.astype(dtype), v_all.astype(dtype)
+        if kv is not None:
+            li, start, zero = layer["index"], kv["index"], jnp.int32(0)
+            at = (li, zero, start, zero, zero)
+            k_all = jax.lax.dynamic_update_slice(kv["k"], k.astype(kv["k"].dtype)[None], at)
+            v_all = jax.lax.dynamic_update_slice(kv["v"], v.astype(kv["v"].dtype)[None], at)
+            kv = {"k": constrain(k_all, ACT_CACHE), "v": constrain(v_all, ACT_CACHE), "index": start}
+            if attend_cache:
+                k = jax.lax.dynamic_index_in_dim(kv["k"], li, 0, keepdims=False).astype(dtype)
+                v = jax.lax.dynamic_index_in_dim(kv["v"], li, 0, keepdims=False).astype(dtype)
         attn = attention(q, k, v, q_slots, kv_valid, impl=config.attention_impl)
         keep("attn_hidden", attn)
         attn_out = _linear(attn, w["attn"]["o"], "btnh,nhd->btd", la.get("o"), lora_scale, drop(3))
@@ -292,22 +300,23 @@ def _decoder(params: Params, tokens: jax.Array, config: LlamaConfig, *, position
         x = constrain(x + mlp_out, ACT_EMBED)
         x = apply_interventions(x, ivp, "resid_post")
         keep("resid_post", x)
-        return x, (caps, new_cache)
+        return (x, kv), caps
 
     policy = remat_policy(remat)
     if policy is not None:
         block = jax.checkpoint(block, policy=policy)
 
+    n_layers = config.num_hidden_layers
     per_layer_iv = tuple({"direction": iv.direction, "coeff": iv.coeff, "layers": iv.layers} for iv in iv_static)
-    xs: dict[str, Any] = {"w": params["layers"], "lora": lora_layers, "iv": per_layer_iv, "cache": None, "rng": None}
+    xs: dict[str, Any] = {"w": params["layers"], "lora": lora_layers, "iv": per_layer_iv, "rng": None,
+                          "index": jnp.arange(n_layers, dtype=jnp.int32)}
     if lora and lora_dropout > 0.0 and dropout_rng is not None:
-        xs["rng"] = jax.random.key_data(jax.random.split(_as_key(dropout_rng), config.num_hidden_layers))
+        xs["rng"] = jax.random.key_data(jax.random.split(_as_key(dropout_rng), n_layers))
+    kv = None
     if cache is not None:
-        n_layers = config.num_hidden_layers
-        xs["cache"] = {"k": cache["k"], "v": cache["v"],
-                       "index": jnp.broadcast_to(cache["index"], (n_layers,))}
-    x, (captured, new_kv) = jax.lax.scan(block, x, xs)
-    return rms_norm(x, params["final_norm"], eps), captured, new_kv
+        kv = {"k": cache["k"], "v": cache["v"], "index": jnp.asarray(cache["index"], jnp.int32)}
+    (x, kv), captured = jax.lax.scan(block, (x, kv), xs)
+    return rms_norm(x, params["final_norm"], eps), captured, kv
 
 
 def default_positions(attention_mask: jax.Array | None, batch: int, length: int) -> jax.Array:
@@ -353,6 +362,7 @@ def forward(params: Params, tokens: jax.Array, config: LlamaConfig, *, attention
         capture = (capture,)
     capture = tuple(capture or ())
     _check_inputs(tokens, config, attention_mask, positions, capture)
+    check_forward_interventions(interventions)
     b, t = tokens.shape
     if positions is None:
         positions = default_positions(attention_mask, b, t)
@@ -367,30 +377,44 @@ def forward(params: Params, tokens: jax.Array, config: LlamaConfig, *, attention
 
 
 def init_cache(config: LlamaConfig, batch: int, max_len: int, dtype: Any = None) -> dict[str, jax.Array]:
-    """An empty KV cache: k, v [L, B, S, K, H]; mask [B, S] of filled, non-pad slots; index of the next slot."""
+    """An empty KV cache: k, v [L, B, S, K, H] (logical axes ``ACT_CACHE``, so on a mesh it is split along batch
+    and KV heads like the activations); mask [B, S] of filled, non-pad slots; index of the next slot."""
     dtype = dtype or config.dtype
     shape = (config.num_hidden_layers, batch, max_len, config.num_key_value_heads, config.head_dim)
-    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype), "mask": jnp.zeros((batch, max_len), bool),
-            "index": jnp.zeros((), jnp.int32)}
+    return {"k": constrain(jnp.zeros(shape, dtype), ACT_CACHE), "v": constrain(jnp.zeros(shape, dtype), ACT_CACHE),
+            "mask": jnp.zeros((batch, max_len), bool), "index": jnp.zeros((), jnp.int32)}
 
 
 def forward_cached(params: Params, tokens: jax.Array, config: LlamaConfig, cache: dict[str, jax.Array], *,
                    positions: jax.Array, attention_mask: jax.Array | None = None,
                    interventions: Sequence[Intervention] = (), lora: Params | None = None,
-                   lora_scale: float = 1.0) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Run ``tokens: [B, T]`` at cache slots ``index .. index+T-1`` (prefill when T > 1, a decode step when T = 1).
+                   lora_scale: float = 1.0, last_only: bool = False,
+                   prefill: bool = False) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Run ``tokens: [B, T]`` at cache slots ``index .. index+T-1`` (a prefill when T > 1, a decode step when T = 1).
 
-    Returns float32 logits [B, T, V] and the updated cache.
+    The cache is updated in place inside the layer scan (donate it to the jitted caller to reuse its buffer).
+    last_only: project only the last position to the vocabulary (logits [B, V]; a prefill needs no more).
+    prefill: the cache is empty and ``tokens`` fill it from slot 0, so attention runs within the chunk
+    ([B, T, T] scores) instead of over all S slots.
+    Returns float32 logits [B, T, V] (or [B, V] with ``last_only``) and the updated cache.
     """
+    check_forward_interventions(interventions)
     b, t = tokens.shape
     index = cache["index"]
     new_mask = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
     kv_valid = jax.lax.dynamic_update_slice_in_dim(cache["mask"], new_mask, index, 1)
-    hidden, _, new_kv = _decoder(
-        params, tokens, config, positions=positions, kv_valid=kv_valid, q_slots=index + jnp.arange(t),
+    q_slots = index + jnp.arange(t)
+    if prefill:
+        q_slots, attn_valid = jnp.arange(t), new_mask
+    else:
+        attn_valid = kv_valid
+    hidden, _, kv = _decoder(
+        params, tokens, config, positions=positions, kv_valid=attn_valid, q_slots=q_slots,
         cache=cache, capture=(), capture_positions=None, interventions=tuple(interventions), lora=lora,
-        lora_scale=lora_scale, remat=False, input_embeds=None)
-    new_cache = {"k": new_kv["k"], "v": new_kv["v"], "mask": kv_valid, "index": index + t}
+        lora_scale=lora_scale, remat=False, input_embeds=None, attend_cache=not prefill)
+    new_cache = {"k": kv["k"], "v": kv["v"], "mask": kv_valid, "index": index + t}
+    if last_only:
+        hidden = hidden[:, -1]
     return logits_from_hidden(params, hidden, config), new_cache
 
 
