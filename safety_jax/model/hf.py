@@ -4,8 +4,13 @@ A key table maps each HF tensor name to a params path plus its layout: how the H
 into ours. Loading checks every tensor's name and shape from the safetensors headers first, then builds each params
 array: with ``shardings``, through ``jax.make_array_from_callback``, each device's block read straight from its HF
 slices (so no process holds more than its own shards); without, whole on the default device. Saving writes
-``config.json`` plus (sharded) safetensors that ``transformers.LlamaForCausalLM.from_pretrained`` reads, streaming
-one tensor at a time; in a multi-process job each tensor is gathered and process 0 writes.
+``config.json``, ``generation_config.json`` (the token ids ``generate`` stops and pads on) and (sharded) safetensors
+that ``transformers.LlamaForCausalLM.from_pretrained`` reads, streaming one tensor at a time; in a multi-process job
+each tensor is gathered and process 0 writes.
+
+``load_hf(path, head="score")`` reads a ``LlamaForSequenceClassification`` folder instead: the decoder (``model.*``)
+plus the classification head ``score.weight [num_labels, D]`` as ``params["score"]: [D, num_labels]``, and no
+``lm_head`` (see ``safety_jax.model.classifier``).
 
 Hugging Face folders are local: safetensors reads local files (use the orbax format for ``gs://`` paths).
 """
@@ -99,6 +104,8 @@ KEY_TABLE: tuple[KeyRule, ...] = (
     KeyRule(_LAYER + r"mlp\.down_proj\.weight", "layers.mlp.down", _dims(_D, _F), _T),
 )
 _COMPILED = [(re.compile(r.pattern + r"$"), r) for r in KEY_TABLE]
+SCORE_TENSOR = "score.weight"  # the head of transformers' *ForSequenceClassification: [num_labels, D], no bias
+HEADS = ("lm_head", "score")
 _IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
 _ST_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64"}
 
@@ -121,8 +128,18 @@ def _put(tree: dict, dotted: str, value: Any) -> None:
     tree[parts[-1]] = value
 
 
-def _rules(config: LlamaConfig) -> Iterator[KeyRule]:
-    """The rules a checkpoint of this config uses (no ``lm_head`` when the embeddings are tied)."""
+def score_rule(num_labels: int) -> KeyRule:
+    """The sequence-classification head: HF ``score.weight [num_labels, D]`` -> ours ``score [D, num_labels]``."""
+    return KeyRule(r"score\.weight", "score", lambda c: ((num_labels,), (c.hidden_size,)), _T, per_layer=False)
+
+
+def _rules(config: LlamaConfig, head: str = "lm_head", num_labels: int | None = None) -> Iterator[KeyRule]:
+    """The rules a checkpoint of this config uses: the decoder plus its head, ``lm_head`` (absent when the embeddings
+    are tied) or, for a ``num_labels``-way classifier, ``score``."""
+    if head == "score":
+        if num_labels is None:
+            raise ValueError("a classifier's rules need num_labels")
+        return iter([*(r for r in KEY_TABLE if r.path != "lm_head"), score_rule(num_labels)])
     return (r for r in KEY_TABLE if not (r.path == "lm_head" and config.tie_word_embeddings))
 
 
@@ -130,9 +147,12 @@ def _layers(rule: KeyRule, config: LlamaConfig) -> range | list[None]:
     return range(config.num_hidden_layers) if rule.per_layer else [None]
 
 
-def expected_hf_tensors(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
-    """Every tensor name a Llama checkpoint of this config must hold, with its HF shape."""
-    return {_hf_name(rule, layer): rule.hf_shape(config) for rule in _rules(config) for layer in _layers(rule, config)}
+def expected_hf_tensors(config: LlamaConfig, head: str = "lm_head", num_labels: int | None = None
+                        ) -> dict[str, tuple[int, ...]]:
+    """Every tensor name a Llama checkpoint of this config must hold, with its HF shape (``head="score"``: a
+    ``num_labels``-way ``LlamaForSequenceClassification``)."""
+    return {_hf_name(rule, layer): rule.hf_shape(config) for rule in _rules(config, head, num_labels)
+            for layer in _layers(rule, config)}
 
 
 def _match(name: str) -> tuple[KeyRule, int | None] | None:
@@ -172,20 +192,40 @@ def iter_hf_tensors(path: PathLike) -> Iterator[tuple[str, np.ndarray]]:
                 yield name, f.get_tensor(name)
 
 
-def _check_tensors(path: epath.Path, config: LlamaConfig, shapes: dict[str, tuple[int, ...]]) -> None:
+def _num_labels(path: epath.Path, shapes: dict[str, tuple[int, ...]]) -> int:
+    """The classes of a sequence-classification checkpoint: the rows of its ``score.weight``."""
+    if SCORE_TENSOR not in shapes:
+        raise CheckpointError(f"{path} has no '{SCORE_TENSOR}': head='score' loads a *ForSequenceClassification "
+                              "checkpoint; load a causal LM with the default head='lm_head'")
+    shape = shapes[SCORE_TENSOR]
+    if len(shape) != 2:
+        raise CheckpointError(f"checkpoint tensor '{SCORE_TENSOR}' has shape {shape}; expected [num_labels, hidden]")
+    return shape[0]
+
+
+def _check_tensors(path: epath.Path, config: LlamaConfig, shapes: dict[str, tuple[int, ...]], head: str = "lm_head"
+                   ) -> None:
     """Raise :class:`CheckpointError` naming the tensor when the folder's tensors do not match ``config``."""
-    expected = expected_hf_tensors(config)
+    num_labels = _num_labels(path, shapes) if head == "score" else None
+    expected = expected_hf_tensors(config, head, num_labels)
     seen = set()
     for name, shape in shapes.items():
         if _IGNORED.match(name):
             continue
-        hit = _match(name)
+        if name == SCORE_TENSOR:
+            if head != "score":
+                raise CheckpointError(f"checkpoint tensor '{name}' is a sequence-classification head: {path} is a "
+                                      "*ForSequenceClassification checkpoint; load it with head='score' "
+                                      "(safety_jax.model.classifier.load_classifier)")
+            hit: tuple[KeyRule, int | None] | None = (score_rule(num_labels or 0), None)
+        else:
+            hit = _match(name)
         if hit is None:
             raise CheckpointError(f"checkpoint tensor '{name}' is not part of a Llama model; is this a Llama "
                                   "checkpoint?")
         rule, layer = hit
-        if rule.path == "lm_head" and config.tie_word_embeddings:
-            continue  # some tied checkpoints store the (identical) head anyway
+        if rule.path == "lm_head" and (config.tie_word_embeddings or head == "score"):
+            continue  # some tied checkpoints store the (identical) head anyway; a classifier does not use it
         if layer is not None and layer >= config.num_hidden_layers:
             raise CheckpointError(f"checkpoint tensor '{name}': layer {layer} but config.json has "
                                   f"num_hidden_layers={config.num_hidden_layers}")
@@ -261,14 +301,19 @@ def _leaf_block(rule: KeyRule, config: LlamaConfig, shape: tuple[int, ...], inde
 
 
 def load_hf(path: PathLike, *, dtype: str | None = None, shardings: Shardings = None,
-            config: LlamaConfig | None = None) -> tuple[LlamaConfig, Params]:
+            config: LlamaConfig | None = None, head: str = "lm_head") -> tuple[LlamaConfig, Params]:
     """Load a local HF Llama folder into ``(config, params)``.
 
     dtype: parameter dtype (``float32``/``bfloat16``; default: keep float32). shardings: where each array goes, a
     params-shaped pytree of ``jax.sharding.Sharding`` or a function ``config -> pytree`` (e.g.
     ``safety_jax.parallel.param_sharding_fn(mesh, strategy)``); each device's block is read straight from the files.
     Without it, the arrays land on the default device. config: use this instead of the folder's ``config.json``.
+    head: ``"lm_head"`` (a causal LM) or ``"score"`` (a ``LlamaForSequenceClassification``: ``params["score"]``
+    ``[D, num_labels]`` instead of ``lm_head``, which is not read even when the folder has one; ``score`` is not
+    sharded, it lands whole on the default device).
     """
+    if head not in HEADS:
+        raise ValueError(f"load_hf: head={head!r}; choose one of {HEADS}")
     folder = local_path(path, "a Hugging Face folder")
     if config is None:
         config = read_config(folder)
@@ -281,12 +326,16 @@ def load_hf(path: PathLike, *, dtype: str | None = None, shardings: Shardings = 
     params: Params = {}
     with contextlib.ExitStack() as stack:
         handles = {f: stack.enter_context(safe_open(f, framework="numpy")) for f in sorted(set(files.values()))}
-        _check_tensors(folder, config, {n: tuple(handles[f].get_slice(n).get_shape()) for n, f in files.items()})
+        hf_shapes = {n: tuple(handles[f].get_slice(n).get_shape()) for n, f in files.items()}
+        _check_tensors(folder, config, hf_shapes, head)
+        num_labels = _num_labels(folder, hf_shapes) if head == "score" else None
+        if num_labels is not None:
+            shapes["score"] = jax.ShapeDtypeStruct((config.hidden_size, num_labels), config.weight_dtype)
 
         def handle_of(name: str) -> Any:
             return handles[files[name]]
 
-        for rule in _rules(config):
+        for rule in _rules(config, head, num_labels):
             shape = tuple(_get(shapes, rule.path).shape)
             reads: dict[tuple, np.ndarray] = {}  # devices holding the same block (replicas) share one read
 
@@ -297,7 +346,8 @@ def load_hf(path: PathLike, *, dtype: str | None = None, shardings: Shardings = 
                     reads[key] = _leaf_block(rule, config, shape, index, target, handle_of)
                 return reads[key]
 
-            sharding = _get(shardings_tree, rule.path) if shardings_tree is not None else None
+            sharding = (_get(shardings_tree, rule.path) if shardings_tree is not None and rule.path != "score"
+                        else None)
             if sharding is None:
                 arr = jax.numpy.asarray(block(()))
             else:
@@ -384,10 +434,23 @@ def _header(specs: list[tuple[str, tuple[int, ...], np.dtype]]) -> bytes:
     return struct.pack("<Q", len(raw)) + raw
 
 
-def save_hf(config: LlamaConfig, params: Params, path: PathLike, *, max_shard_bytes: int = 2 << 30,
-            tokenizer: Any = None, overwrite: bool = False) -> None:
-    """Write an HF Llama folder (config.json + safetensors, sharded with an index above ``max_shard_bytes``).
+def generation_config_dict(config: LlamaConfig, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The fields of ``generation_config.json``: the config's bos / eos / pad ids (eos a list when there are several,
+    as Llama-3-Instruct's ``[128001, 128009]``; an id that is None is left out), then ``extra`` (e.g. ``do_sample``,
+    ``temperature``, ``top_p`` of the model a checkpoint was tuned from), which transformers' ``generate`` reads as
+    its defaults."""
+    eos = list(config.eos_token_id) if isinstance(config.eos_token_id, tuple) else config.eos_token_id
+    ids = {"bos_token_id": config.bos_token_id, "eos_token_id": eos, "pad_token_id": config.pad_token_id}
+    return {**{k: v for k, v in ids.items() if v is not None}, **(extra or {})}
 
+
+def save_hf(config: LlamaConfig, params: Params, path: PathLike, *, max_shard_bytes: int = 2 << 30,
+            tokenizer: Any = None, overwrite: bool = False, generation_config: dict[str, Any] | None = None) -> None:
+    """Write an HF Llama folder (config.json, generation_config.json, safetensors, sharded with an index above
+    ``max_shard_bytes``).
+
+    ``generation_config.json`` holds the bos / eos / pad ids of ``config``, so transformers' ``generate`` stops where
+    ``safety_jax.model.generate`` does, plus the fields of ``generation_config`` (see :func:`generation_config_dict`).
     The folder is written beside its destination and renamed into place, so a crash never leaves half a checkpoint.
     An existing destination must be empty, or a model folder replaced with ``overwrite=True`` (the old one is
     removed only once the new one is in place). Multi-process: every process calls it; arrays are gathered tensor
@@ -419,6 +482,7 @@ def save_hf(config: LlamaConfig, params: Params, path: PathLike, *, max_shard_by
                         f.write(np.ascontiguousarray(arr).reshape(-1).view(np.uint8).data)
         if main:
             write_json(tmp / "config.json", config.to_hf_dict())
+            write_json(tmp / "generation_config.json", generation_config_dict(config, generation_config))
             if len(plan) > 1:
                 weight_map = {name: fname for fname, specs in zip(names, plan) for name, _, _ in specs}
                 total = sum(math.prod(s) * d.itemsize for specs in plan for _, s, d in specs)
@@ -434,5 +498,6 @@ def save_hf(config: LlamaConfig, params: Params, path: PathLike, *, max_shard_by
     multihost_utils.sync_global_devices("safety_jax.save_hf")
 
 
-__all__ = ["CheckpointError", "ConfigError", "KEY_TABLE", "KeyRule", "expected_hf_tensors", "iter_hf_tensors",
-           "load_hf", "params_from_hf_state_dict", "params_to_hf_tensors", "save_hf"]
+__all__ = ["CheckpointError", "ConfigError", "HEADS", "KEY_TABLE", "KeyRule", "SCORE_TENSOR", "expected_hf_tensors",
+           "generation_config_dict", "iter_hf_tensors", "load_hf", "params_from_hf_state_dict",
+           "params_to_hf_tensors", "save_hf", "score_rule"]
