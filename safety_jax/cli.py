@@ -1,7 +1,9 @@
 """``safety-jax`` command line: one subcommand per job.
 
     safety-jax convert --src HF_FOLDER --dst OUT --to orbax       # or --to hf, from an orbax folder
-    safety-jax generate --model FOLDER --prompt "..." --max-new-tokens 32 [--temperature 0.7 --top-p 0.9]
+    safety-jax generate --model FOLDER --prompt "..." --max-new-tokens 32 [--temperature 0.7 --top-p 0.9] [--chat]
+    safety-jax eval --model FOLDER --data beavertails:30k_test[:1000] --judge GCG-29 --out DIR [--template alpaca]
+                                                                   # generate → judge → table (resumable)
     safety-jax train --config run.yaml key=value ...               # SFT / DPO / unlearning
     safety-jax plan --config run.yaml [--mesh fsdp=8] [--batch 8 --seq 2048]   # per-device memory of one step
 
@@ -42,15 +44,94 @@ def _generate(args: argparse.Namespace) -> None:
 
     config, params = load_model(args.model, dtype=args.dtype)
     tokenizer = load_tokenizer(args.model)
-    prompts = list(args.prompt)
+    prompts: list[Any] = list(args.prompt)
     if args.chat:
-        prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                                 add_generation_prompt=True) for p in prompts]
-    texts = generate_text(params, config, tokenizer, prompts, rng=jax.random.key(args.seed),
+        # message lists: the template is applied while tokenising, so its BOS is not added a second time
+        prompts = [[{"role": "user", "content": p}] for p in prompts]
+    texts = generate_text(params, config, tokenizer, prompts, chat=args.chat, rng=jax.random.key(args.seed),
                           max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                           top_k=args.top_k)
     for prompt, text in zip(args.prompt, texts):
         print(f"### {prompt}\n{text}")
+
+
+class UsageError(Exception):
+    """Bad command-line input found before any work: reported as an argparse error naming the flag."""
+
+    def __init__(self, flag: str, problem: Any) -> None:
+        super().__init__(f"{flag}: {problem}")
+
+
+def _eval(args: argparse.Namespace) -> None:
+    """Check every input (model and LoRA folders, data, judge, template, mesh) before loading weights or compiling,
+    then evaluate and print the table."""
+    from safety_jax.model.io import load_tokenizer, model_format
+
+    if not 0 < args.top_p <= 1:
+        raise UsageError("--top-p", f"{args.top_p} must be in (0, 1]")
+    try:
+        model_format(args.model)
+    except (OSError, ValueError) as e:
+        raise UsageError("--model", e) from None
+    if args.lora is not None:
+        from safety_jax.model.lora import CONFIG_FILE, WEIGHTS_FILE
+
+        missing = [f for f in (WEIGHTS_FILE, CONFIG_FILE) if not os.path.exists(os.path.join(args.lora, f))]
+        if missing:
+            raise UsageError("--lora", f"{args.lora} is not a LoRA folder (lacks {', '.join(missing)})")
+    for f in args.data_files or ():
+        if not os.path.exists(f):
+            raise UsageError("--data-files", f"{f} does not exist")
+    from safety_jax.data.benchmarks import load_benchmark
+
+    keep = None if args.label is None else _label_filter(args.label)
+    try:
+        examples = load_benchmark(args.data, data_files=args.data_files, filter=keep, limit=args.limit)
+    except (OSError, ValueError, KeyError) as e:
+        raise UsageError("--data", e) from None
+    if not examples:
+        raise UsageError("--data", f"{args.data} selects no examples" + (f" with --label {args.label}"
+                                                                          if args.label is not None else ""))
+    from safety_jax.eval.judges import load_judge
+
+    try:
+        judge = load_judge(args.judge)
+    except (OSError, ValueError, KeyError) as e:
+        raise UsageError("--judge", e) from None
+    try:
+        tokenizer = load_tokenizer(args.model)
+    except ValueError as e:
+        raise UsageError("--model", e) from None
+    if args.template == "chat" and getattr(tokenizer, "chat_template", None) is None:
+        raise UsageError("--template", f"chat needs a tokenizer with a chat_template; {args.model}'s has none: use "
+                         "--template alpaca or none")
+    mesh = shardings = None
+    if args.mesh:
+        from safety_jax.parallel import make_mesh, param_sharding_fn
+
+        try:
+            mesh = make_mesh(args.mesh)
+        except ValueError as e:
+            raise UsageError("--mesh", e) from None
+        shardings = param_sharding_fn(mesh)
+
+    from safety_jax.eval.evaluate import EvalModel, evaluate
+
+    model = EvalModel.load(args.model, dtype=args.dtype, lora=args.lora, shardings=shardings)
+    table = evaluate(model, examples, judge, out_dir=args.out, template=args.template, batch_size=args.batch_size,
+                     max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                     top_k=args.top_k, seed=args.seed, dataset_name=args.data, mesh=mesh,
+                     progress=not args.no_progress)
+    print(table.markdown())
+    print(f"answers, verdicts and table in {args.out}")
+
+
+def _label_filter(text: str) -> Any:
+    """``--label`` as a filter on ``EvalExample.label``: true / false, an integer, or any other text."""
+    value: Any = {"true": True, "false": False}.get(text.lower(), text)
+    if isinstance(value, str) and value.lstrip("-").isdigit():
+        value = int(value)
+    return lambda e: e.label == value and isinstance(e.label, bool) == isinstance(value, bool)
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -184,6 +265,16 @@ def _int_at_least(low: int):
 _positive_int, _non_negative_int = _int_at_least(1), _int_at_least(0)
 
 
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 0")
+    return value
+
+
 def _add_process_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("multi-process (default: the environment, as jax.distributed reads it)")
     g.add_argument("--coordinator-address", default=os.environ.get("JAX_COORDINATOR_ADDRESS"), metavar="HOST:PORT",
@@ -237,6 +328,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
     p.set_defaults(func=_generate)
 
+    p = sub.add_parser("eval", help="generate answers to a benchmark, judge them, table the rates",
+                       description="Answer every example of a benchmark, judge the answers and print per-metric "
+                       "counts, rates and Wilson 95 % intervals (overall and per category). Answers are cached in "
+                       "OUT/answers.jsonl: a re-run with the same settings answers only what is missing.")
+    p.add_argument("--model", required=True, help="Hugging Face or orbax model folder (with tokenizer files)")
+    p.add_argument("--data", required=True, help="benchmark spec, e.g. beavertails:30k_test[:1000] or advbench")
+    p.add_argument("--data-files", nargs="+", default=None, metavar="FILE", help="local data files for the spec")
+    p.add_argument("--judge", required=True, help="GCG-29, JBB-13, sst2, agnews, gsm8k, or a classifier / guard "
+                   "model folder")
+    p.add_argument("--out", required=True, help="output folder (answers.jsonl, verdicts.jsonl, table.md/json)")
+    p.add_argument("--template", choices=["chat", "alpaca", "none"], default="chat",
+                   help="prompt format: the tokenizer's chat template, Alpaca, or the raw prompt")
+    p.add_argument("--batch-size", type=_positive_int, default=32)
+    p.add_argument("--max-new-tokens", type=_positive_int, default=256)
+    p.add_argument("--temperature", type=_non_negative_float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=_non_negative_int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--label", default=None, help="keep examples with this label, e.g. false for BeaverTails' unsafe "
+                   "prompts (is_safe False: the harmful-score set)")
+    p.add_argument("--limit", type=_positive_int, default=None,
+                   help="evaluate only the first N examples (after --label)")
+    p.add_argument("--lora", default=None, metavar="FOLDER", help="LoRA adapters (a save_lora folder)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
+    p.add_argument("--mesh", default=None, help="mesh spec, e.g. data=8 (batch split along the data axes)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_eval)
+
     p = sub.add_parser("train", help="SFT / DPO / unlearning from a YAML config")
     p.add_argument("--config", required=True, help="YAML run config")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=1e-4 steps=100")
@@ -265,7 +384,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
     _check_process_args(parser, args)
-    args.func(args)
+    try:
+        args.func(args)
+    except UsageError as e:
+        parser.error(f"{args.command} {e}")
 
 
 if __name__ == "__main__":
