@@ -18,6 +18,7 @@ instead (logged once). Everything is placed with
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -280,9 +281,11 @@ def shard_batch(batch: Any, mesh: Mesh, strategy: str = "auto") -> Any:
     return jax.tree.map(put, batch)
 
 
+@functools.lru_cache(maxsize=64)
 def activation_constraint(mesh: Mesh, strategy: str = "auto") -> Constrain:
     """The ``model.sharding`` constraint for ``strategy`` on ``mesh``: each activation's logical axes through the
-    rules table (a dim its mesh axes do not divide stays replicated)."""
+    rules table (a dim its mesh axes do not divide stays replicated). One object per (mesh, strategy), so jitted
+    functions that take it as a static argument (``generate``) compile once."""
     rules = rules_for(strategy, mesh)
 
     def fn(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:

@@ -70,14 +70,14 @@ def test_svd_reports_matrices_and_no_mfu(bench):
 def test_kernel_timings_cover_matmuls_and_svds(tmp_path):
     sys.path.insert(0, BENCH)
     try:
-        import kernels
+        import kernel_timings
 
-        rows = kernels.main(["--preset", "tiny", "--batch", "2", "--seq", "8", "--reps", "1", "--threads", "1",
-                             "--out", str(tmp_path)])
+        rows = kernel_timings.main(["--preset", "tiny", "--batch", "2", "--seq", "8", "--reps", "1",
+                                    "--threads", "1", "--out", str(tmp_path)])
     finally:
         sys.path.remove(BENCH)
     assert sum(r["kernel"].startswith("SVD") for r in rows) == 2 and all("scipy gesdd ms" in r for r in rows[-2:])
-    assert len(rows) == len(kernels.kernel_cases("tiny", 2, 8))
+    assert len(rows) == len(kernel_timings.kernel_cases("tiny", 2, 8))
     for r in rows:
         assert r["jax ms"] > 0 and r["torch ms"] > 0 and math.isclose(r["JAX/torch"], r["torch ms"] / r["jax ms"])
     assert (tmp_path / "kernels.md").read_text().count("\n| ") == len(rows) + 1

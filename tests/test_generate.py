@@ -141,8 +141,8 @@ def test_decode_loop_holds_no_copy_of_the_cache(pair):
     b, p, new = 4, 16, 16
     settings = SamplingConfig(max_new_tokens=new, temperature=0.7, eos_token_ids=(2,)).traced()
     hlo = gen._generate.lower(params, jnp.ones((b, p), jnp.int32), jnp.ones((b, p), jnp.int32), jax.random.key(0),
-                              settings, (), None, config=config, new_bucket=new, lora_scale=1.0, mesh=None,
-                              strategy="auto").compile().as_text()
+                              settings, (), None, config=config, new_bucket=new, lora_scale=1.0,
+                              activation_sharding=None).compile().as_text()
     shape = (f"[{config.num_hidden_layers},{b},{p + new},{config.num_key_value_heads},{config.head_dim}]")
     comps = _computations(hlo)
     bodies = set(re.findall(r"body=%?([\w.\-]+)", hlo))
@@ -230,3 +230,28 @@ def test_generate_text_batches_in_input_order_and_is_seeded(pair):
     a = generate_text(params, config, tok, prompts, max_new_tokens=6, temperature=1.0, batch_size=3, rng=key)
     b = generate_text(params, config, tok, prompts, max_new_tokens=6, temperature=1.0, batch_size=3, rng=key)
     assert a == b
+
+
+def test_generation_on_a_mesh_shards_the_cache_and_matches_one_device(pair):
+    from safety_jax import parallel
+
+    _, config, params, _ = pair
+    if jax.device_count() < 8:
+        pytest.skip("needs 8 (simulated) devices")
+    mesh = parallel.make_mesh("data=2,fsdp=2,tensor=2")
+    sharded = parallel.shard_params(params, config, mesh)
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(3, config.vocab_size, (8, 7)).astype(np.int32)
+    kw = dict(max_new_tokens=8, eos_token_ids=(), rng=jax.random.key(1), temperature=0.9)
+    want, _ = generate(params, config, tokens, **kw)
+    constraint = parallel.activation_constraint(mesh, "auto")
+    assert parallel.activation_constraint(mesh, "auto") is constraint  # one static argument, one compilation
+    got, _ = generate(sharded, config, tokens, activation_sharding=constraint, **kw)
+    assert np.array_equal(np.asarray(got), np.asarray(want))
+    settings = SamplingConfig(max_new_tokens=16, eos_token_ids=(2,)).traced()
+    hlo = gen._generate.lower(sharded, jnp.asarray(np.pad(tokens, ((0, 0), (9, 0)))), jnp.ones((8, 16), jnp.int32),
+                              jax.random.key(0), settings, (), None, config=config, new_bucket=16, lora_scale=1.0,
+                              activation_sharding=constraint).compile().as_text()
+    # per device: batch 8 over data x fsdp (4), KV heads 2 over tensor (2)
+    per_device = f"[{config.num_hidden_layers},2,32,1,{config.head_dim}]"
+    assert per_device in hlo

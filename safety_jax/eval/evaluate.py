@@ -381,16 +381,21 @@ def evaluate(model: EvalModel, dataset: str | Sequence[EvalExample], judge: Judg
                             "different example now (another dataset?): use another output folder")
 
     params, lora = _place(model, mesh, strategy)
+    sharding = None
+    if mesh is not None:
+        from safety_jax.parallel import activation_constraint
+
+        sharding = activation_constraint(mesh, strategy)
     chunks = [range(i, min(i + batch_size, len(examples))) for i in range(0, len(examples), batch_size)]
     todo = [c for c in ([i for i in chunk if ids[i] not in cached] for chunk in chunks) if c]
     missing = sum(len(c) for c in todo)
     bar = _progress(len(todo), progress, f"generate ({missing} of {len(examples)} to answer)")
     for chunk in todo:
         texts = generate_text(params, model.config, model.tokenizer, [inputs[i] for i in chunk],
-                              chat=template == "chat", batch_size=len(chunk),
+                              chat=template == "chat", batch_size=batch_size,
                               rng=batch_key(seed, [ids[i] for i in chunk]), progress=False,
                               interventions=tuple(interventions), lora=lora, lora_scale=model.lora_scale,
-                              mesh=mesh, strategy=strategy, max_new_tokens=max_new_tokens, temperature=temperature,
+                              activation_sharding=sharding, max_new_tokens=max_new_tokens, temperature=temperature,
                               top_p=top_p, top_k=top_k)
         rows = [{"id": ids[i], "prompt": examples[i].prompt, "category": examples[i].category, "answer": t,
                  "settings_hash": digest, "input_digest": input_digests[i]} for i, t in zip(chunk, texts)]

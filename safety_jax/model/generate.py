@@ -32,6 +32,7 @@ from safety_jax.data.batches import default_buckets, pick_bucket
 from safety_jax.model.config import LlamaConfig
 from safety_jax.model.interventions import TOKEN_SELECTORS, Intervention
 from safety_jax.model.llama import Params, default_positions, forward_cached, init_cache
+from safety_jax.model.sharding import Constrain, use_activation_sharding
 
 MIN_BUCKET = 16
 EOS_SLOTS = 4  # EOS ids are padded (with -1) to a multiple of this, so their number rarely changes the shapes
@@ -138,20 +139,14 @@ def _left_pad_interventions(interventions: Sequence[Intervention], extra: int) -
 
 
 # ---------------------------------------------------------------------------------------------------- the loop
-@functools.partial(jax.jit, static_argnames=("config", "new_bucket", "lora_scale", "mesh", "strategy"))
+@functools.partial(jax.jit, static_argnames=("config", "new_bucket", "lora_scale", "activation_sharding"))
 def _generate(params: Params, prompt: jax.Array, prompt_mask: jax.Array, key: jax.Array,
               settings: Mapping[str, jax.Array], interventions: tuple[Intervention, ...], lora: Params | None, *,
-              config: LlamaConfig, new_bucket: int, lora_scale: float, mesh: Any,
-              strategy: str) -> tuple[jax.Array, jax.Array]:
-    if mesh is not None:
-        from safety_jax.model.sharding import use_activation_sharding
-        from safety_jax.parallel import activation_constraint
-
-        with use_activation_sharding(activation_constraint(mesh, strategy)):
-            return _generate_body(params, prompt, prompt_mask, key, settings, interventions, lora, config,
-                                  new_bucket, lora_scale)
-    return _generate_body(params, prompt, prompt_mask, key, settings, interventions, lora, config, new_bucket,
-                          lora_scale)
+              config: LlamaConfig, new_bucket: int, lora_scale: float,
+              activation_sharding: Constrain | None) -> tuple[jax.Array, jax.Array]:
+    with use_activation_sharding(activation_sharding):
+        return _generate_body(params, prompt, prompt_mask, key, settings, interventions, lora, config, new_bucket,
+                              lora_scale)
 
 
 def _generate_body(params, prompt, prompt_mask, key, settings, interventions, lora, config, new_bucket,
@@ -197,7 +192,7 @@ def length_bucket(n: int, limit: int) -> int:
 def generate(params: Params, config: LlamaConfig, prompt_tokens: Any, prompt_mask: Any = None, *,
              sampling: SamplingConfig | None = None, rng: jax.Array | None = None,
              interventions: Sequence[Intervention] = (), lora: Params | None = None, lora_scale: float = 1.0,
-             mesh: Any = None, strategy: str = "auto", **sampling_kwargs: Any) -> tuple[jax.Array, jax.Array]:
+             activation_sharding: Constrain | None = None, **sampling_kwargs: Any) -> tuple[jax.Array, jax.Array]:
     """Generate continuations of left-padded prompts.
 
     prompt_tokens: [B, P] ints, left-padded; prompt_mask: [B, P] (1 = real token; default all ones).
@@ -206,8 +201,9 @@ def generate(params: Params, config: LlamaConfig, prompt_tokens: Any, prompt_mas
     ``<|end_of_text|>``). rng: a PRNG key for sampling (default: fresh OS entropy; pass one to reproduce).
     interventions: edits of the stream (``make_intervention``), restricted with ``positions="last_prompt"``,
     ``"prompt"``, ``"generated"`` or a [B, P] mask over the prompt; they follow the decoded tokens.
-    lora: adapter pytree (``model.lora``) applied in every step. mesh / strategy: shard the cache and activations as
-    ``parallel`` shards training (params and prompts already placed by the caller).
+    lora: adapter pytree (``model.lora``) applied in every step. activation_sharding: the constraint that places the
+    cache and activations on a mesh (``parallel.activation_constraint(mesh, strategy)``, with params already placed
+    by ``parallel.shard_params``); it is a static argument, so pass the same object each call.
     Returns ``(new_tokens [B, max_new_tokens], lengths [B])`` where positions after a row's EOS hold
     ``pad_token_id`` and ``lengths`` counts tokens up to and including EOS.
     """
@@ -237,7 +233,8 @@ def generate(params: Params, config: LlamaConfig, prompt_tokens: Any, prompt_mas
     rng = jax.random.key(secrets.randbits(32)) if rng is None else rng
     out, lengths = _generate(params, jnp.asarray(tokens), jnp.asarray(mask), rng, sampling.traced(),
                              _left_pad_interventions(interventions, extra), lora, config=config,
-                             new_bucket=n_bucket, lora_scale=float(lora_scale), mesh=mesh, strategy=strategy)
+                             new_bucket=n_bucket, lora_scale=float(lora_scale),
+                             activation_sharding=activation_sharding)
     return out[:, :sampling.max_new_tokens], lengths
 
 
@@ -285,7 +282,7 @@ def tokenizer_stop_ids(config: LlamaConfig, tokenizer: Any) -> tuple[int, ...]:
 def generate_tokens(params: Params, config: LlamaConfig, sequences: Sequence[Sequence[int]], *,
                     pad_token_id: int, batch_size: int = 32, rng: jax.Array | None = None, progress: bool = False,
                     interventions: Sequence[Intervention] = (), lora: Params | None = None, lora_scale: float = 1.0,
-                    mesh: Any = None, strategy: str = "auto", **sampling_kwargs: Any) -> list[list[int]]:
+                    activation_sharding: Constrain | None = None, **sampling_kwargs: Any) -> list[list[int]]:
     """Generate for token-id prompts of any lengths, ``batch_size`` at a time, in input order.
 
     Prompts are grouped by length (longest first) into fixed-size batches; the last batch is filled with copies of
@@ -311,8 +308,8 @@ def generate_tokens(params: Params, config: LlamaConfig, sequences: Sequence[Seq
         rows += [rows[-1]] * (batch_size - len(rows))
         tokens, mask = left_pad(rows, pad_token_id)
         out, lengths = generate(params, config, tokens, mask, rng=jax.random.fold_in(rng, j),
-                                interventions=interventions, lora=lora, lora_scale=lora_scale, mesh=mesh,
-                                strategy=strategy, pad_token_id=pad_token_id, **sampling_kwargs)
+                                interventions=interventions, lora=lora, lora_scale=lora_scale,
+                                activation_sharding=activation_sharding, pad_token_id=pad_token_id, **sampling_kwargs)
         out, lengths = np.asarray(out), np.asarray(lengths)
         for r, i in enumerate(idx):
             results[i] = out[r, :lengths[r]].tolist()
@@ -322,7 +319,7 @@ def generate_tokens(params: Params, config: LlamaConfig, sequences: Sequence[Seq
 def generate_text(params: Params, config: LlamaConfig, tokenizer: Any, prompts: Sequence[Any], *, chat: bool = False,
                   batch_size: int = 32, rng: jax.Array | None = None, progress: bool = False,
                   interventions: Sequence[Intervention] = (), lora: Params | None = None, lora_scale: float = 1.0,
-                  mesh: Any = None, strategy: str = "auto", **sampling_kwargs: Any) -> list[str]:
+                  activation_sharding: Constrain | None = None, **sampling_kwargs: Any) -> list[str]:
     """Generate answers for text prompts (strings, or chat message lists with ``chat=True``) and decode the new
     text (special tokens skipped). Stops on :func:`tokenizer_stop_ids` unless ``eos_token_ids`` is given; other
     arguments as :func:`generate_tokens`."""
@@ -332,5 +329,5 @@ def generate_text(params: Params, config: LlamaConfig, tokenizer: Any, prompts: 
     sequences = encode_prompts(tokenizer, prompts, chat=chat)
     new = generate_tokens(params, config, sequences, pad_token_id=int(tokenizer.pad_token_id), batch_size=batch_size,
                           rng=rng, progress=progress, interventions=interventions, lora=lora, lora_scale=lora_scale,
-                          mesh=mesh, strategy=strategy, **sampling_kwargs)
+                          activation_sharding=activation_sharding, **sampling_kwargs)
     return [tokenizer.decode(t, skip_special_tokens=True) for t in new]

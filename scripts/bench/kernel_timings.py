@@ -5,7 +5,7 @@ A workload is slower in JAX than in PyTorch either because a kernel XLA emits is
 the compiled program does extra work (copies, transposes). This script times the kernels alone, at the shapes a
 ``--preset`` produces, so the two causes can be told apart:
 
-    python scripts/bench/kernels.py --preset bench_100m --batch 4 --seq 256
+    python scripts/bench/kernel_timings.py --preset bench_100m --batch 4 --seq 256
 
 It prints one Markdown table (median ms per call, the JAX/PyTorch speed ratio) and writes it with ``--out``.
 """
