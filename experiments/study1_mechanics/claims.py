@@ -97,7 +97,7 @@ def _pct(k: int, n: int) -> str:
     return f"{k}/{n} = {k / n:.1%} [{lo:.1%}, {hi:.1%}]" if n else "n = 0"
 
 
-def _p(p: float) -> str:
+def p_text(p: float) -> str:
     return f"p = {p:.2g}"
 
 
@@ -176,7 +176,7 @@ def _budget_text(metrics: Mapping[str, Any], model: str) -> str:
         f"{f} {v:g}" if isinstance(v, float) else f"{f} {v}" for f, v in zip(BUDGET_FIELDS, b))
 
 
-def _undecided(key: str, statement: str, why: str, evidence: str = "") -> Claim:
+def undecided(key: str, statement: str, why: str, evidence: str = "") -> Claim:
     return Claim(key, statement, None, evidence, why + ".")
 
 
@@ -192,7 +192,7 @@ def claim_separation_grows(metrics: Mapping[str, Any]) -> Claim:
     pre = _separation(metrics, "pretrained")
     models = _study(metrics.get("separation", {}))
     if pre is None or not models:
-        return _undecided(key, statement, "the pretrained or fine-tuned separations, their τ spread or n are "
+        return undecided(key, statement, "the pretrained or fine-tuned separations, their τ spread or n are "
                                           "missing")
     rows, results, figures, weak = [], [], {"pretrained/separation": pre[0]}, []
     for m in [*models, *_contrasts(metrics.get("separation", {}))]:
@@ -205,7 +205,7 @@ def claim_separation_grows(metrics: Mapping[str, Any]) -> Claim:
         z, p = mean_greater(s[0], s[1], pre[0], pre[1])
         figures |= {f"{m}/separation": s[0], f"{m}/separation_z": z}
         tag = " (contrast)" if m not in models else ""
-        rows.append(f"{m}{tag} {s[0]:.3g} ± {s[1]:.2g} (z = {z:.2f}, {_p(p)})")
+        rows.append(f"{m}{tag} {s[0]:.3g} ± {s[1]:.2g} (z = {z:.2f}, {p_text(p)})")
         if m in models:
             results.append(p < ALPHA)
             if p >= ALPHA:
@@ -289,7 +289,7 @@ def claim_separation_lr(metrics: Mapping[str, Any]) -> Claim:
     sep = metrics.get("separation", {})
     models = _study(sep)
     if len(_lr_names(models)) < 2:
-        return _undecided(key, statement, f"this run fine-tunes at one learning rate ({', '.join(_lr_names(models))})"
+        return undecided(key, statement, f"this run fine-tunes at one learning rate ({', '.join(_lr_names(models))})"
                           if models else "no fine-tuned separation in the metrics")
     rows, results, figures = [], [], {}
     for meth in STUDY_METHODS:
@@ -303,9 +303,9 @@ def claim_separation_lr(metrics: Mapping[str, Any]) -> Claim:
         z, p = mean_greater(a[0], a[1], b[0], b[1])
         figures |= {f"{meth}/eta_M_minus_eta_S": a[0] - b[0], f"{meth}/eta_M_minus_eta_S_z": z}
         results.append(p < ALPHA)
-        rows.append(f"{meth}: η_M {a[0]:.3g} ± {a[1]:.2g} vs η_S {b[0]:.3g} ± {b[1]:.2g} (z = {z:.2f}, {_p(p)})")
+        rows.append(f"{meth}: η_M {a[0]:.3g} ± {a[1]:.2g} vs η_S {b[0]:.3g} ± {b[1]:.2g} (z = {z:.2f}, {p_text(p)})")
     if not rows:
-        return _undecided(key, statement, "no method was run at both η_M and η_S")
+        return undecided(key, statement, "no method was run at both η_M and η_S")
     holds = _every(results)
     reading = ("a larger learning rate moves the weights further, and with them the clusters." if holds else
                "for some method the smaller learning rate separated as much or more, beyond the uncertainty test: "
@@ -319,7 +319,7 @@ DELTA_W = ("delta_w_outside", "ΔW's top directions lie outside the pretrained c
            "direction does")
 
 
-def _delta_w_module(d: Mapping[str, Any]) -> dict[str, Any]:
+def delta_w_module_test(d: Mapping[str, Any]) -> dict[str, Any]:
     """Per layer of one module: sin θ of ΔW's top-k directions against the random baseline sqrt(1 − rank/out),
     an exact sign test of sin θ > baseline over the k directions, and the mean excess over layers."""
     sin = np.atleast_2d(np.asarray(d["sin_theta"], float))
@@ -347,13 +347,13 @@ def claim_delta_w(metrics: Mapping[str, Any]) -> Claim:
     models = _study(dw)
     need = ("sin_theta", "pre_energy_rank", "out_dim")
     if not models or any(not all(f in dw[m].get(mod, {}) for f in need) for m in models for mod in MLP_MODULES):
-        return _undecided(key, statement, "per-direction sin θ, pretrained energy ranks or output sizes of the MLP "
+        return undecided(key, statement, "per-direction sin θ, pretrained energy ranks or output sizes of the MLP "
                                           "matrices are missing (an older run)")
     rows, results, figures, above, below, over_threshold, pairs = [], [], {}, 0, 0, 0, 0
     for m in models:
         cells, excesses = [], []
         for mod in MLP_MODULES:
-            r = _delta_w_module(dw[m][mod])
+            r = delta_w_module_test(dw[m][mod])
             pairs += 1
             above += r["excess"] > 0
             below += r["excess"] < 0
@@ -421,11 +421,11 @@ def claim_jailbreak(metrics: Mapping[str, Any], family: str) -> Claim:
     key, statement = f"jailbreak_{family}", jailbreak_statement(family)
     passing, refusal = _passing(metrics)
     if not passing:
-        return _undecided(key, statement, f"no study model refuses ≥ {REFUSAL_BAR:.0%} of standard unsafe inputs "
+        return undecided(key, statement, f"no study model refuses ≥ {REFUSAL_BAR:.0%} of standard unsafe inputs "
                           f"({', '.join(refusal) or 'none evaluated'}): a model that refuses little cannot be "
                           "jailbroken")
     if any(family not in metrics["eval"][m] for m in passing):
-        return _undecided(key, statement, f"`{family}` was not evaluated")
+        return undecided(key, statement, f"`{family}` was not evaluated")
     kj, nj = _pooled(metrics, passing, family)
     ku, nu = _pooled(metrics, passing, "unsafe")
     z, p = prop_greater(kj, nj, ku, nu)
@@ -447,7 +447,7 @@ def claim_jailbreak(metrics: Mapping[str, Any], family: str) -> Claim:
         other = ""
     ev = (f"Models refusing ≥ {REFUSAL_BAR:.0%} of standard unsafe inputs: {', '.join(passing)} (of "
           f"{', '.join(refusal)}). Harmful, pooled: {family} {_pct(kj, nj)} vs standard unsafe {_pct(ku, nu)} "
-          f"(z = {z:.2f}, {_p(p)}); {tau_txt}{other}.")
+          f"(z = {z:.2f}, {p_text(p)}); {tau_txt}{other}.")
     if holds:
         reading = ("these inputs slip past the refusal more often and sit nearer the safe cluster than plain unsafe "
                    "inputs: the paper's account of why jailbreaks work.")
@@ -479,7 +479,7 @@ def claim_attack(metrics: Mapping[str, Any]) -> Claim:
     models = _study(att)
     n = int(metrics.get("attack_n") or ATTACK_N)
     if not models:
-        return _undecided(key, statement, "no attack results for the study's models")
+        return undecided(key, statement, "no attack results for the study's models")
     rows, results, figures, zero, moved, failed = [], [], {}, [], [], []
     for m in models:
         base = next((r for r in att[m] if r["num_soft"] == 0), None)
@@ -493,7 +493,7 @@ def claim_attack(metrics: Mapping[str, Any]) -> Claim:
         (tb, se_b), (tt, se_t) = _tau_row(base, n), _tau_row(top, n)
         if se_b is not None and se_t is not None:
             tz, tp = mean_greater(tt, se_t, tb, se_b)
-            tau_ok, tau_txt = tp < ALPHA, f"z = {tz:.2f}, {_p(tp)}"
+            tau_ok, tau_txt = tp < ALPHA, f"z = {tz:.2f}, {p_text(tp)}"
         else:
             tau_ok, tau_txt = tt > tb, "no spread: means compared"
         results.append(p < ALPHA and tau_ok)
@@ -507,7 +507,8 @@ def claim_attack(metrics: Mapping[str, Any]) -> Claim:
         ks = sorted({r["num_soft"] for r in att[m] if r["num_soft"]})
         longest = [max((r for r in att[m] if r["num_soft"] == k), key=lambda r: r["steps"]) for k in ks]
         rows.append(f"{m}: success {_pct(kb, n)} unattacked → {_pct(kt, n)} at k = {top['num_soft']}, {top['steps']} "
-                    f"steps (z = {z:.2f}, {_p(p)}); first answer token harmful {base.get('first_token_success', 0):.0%}"
+                    f"steps (z = {z:.2f}, {p_text(p)}); first answer token harmful "
+                    f"{base.get('first_token_success', 0):.0%}"
                     f" → {top.get('first_token_success', 0):.0%}; τ {tb:.3g} → {tt:.3g} ({tau_txt}); longest attack "
                     "per k = " + ", ".join(f"{k}: success {r['success']:.0%}, τ {_mean(r['tau_mean']):.3g}"
                                            for k, r in zip(ks, longest)))
@@ -560,7 +561,7 @@ def claim_lipschitz(metrics: Mapping[str, Any]) -> Claim:
     lip = metrics.get("lipschitz", {})
     models = _study(lip)
     if "pretrained" not in lip or not models or any("unsafe" not in lip[m] for m in ["pretrained", *models]):
-        return _undecided(key, statement, "Lipschitzness of the pretrained or fine-tuned models is missing")
+        return undecided(key, statement, "Lipschitzness of the pretrained or fine-tuned models is missing")
     rows, results, figures, tested, safe_fell = [], [], {}, True, []
     for m in models:
         r, ci = _ratio(lip[m]["unsafe"], lip["pretrained"]["unsafe"])
@@ -600,7 +601,7 @@ def claim_interpolation(metrics: Mapping[str, Any]) -> Claim:
     interp = metrics.get("interpolation", {})
     models = _study(interp)
     if not models:
-        return _undecided(key, statement, "no α sweep for the study's models")
+        return undecided(key, statement, "no α sweep for the study's models")
     rows, results, figures, ceiling = [], [], {}, []
     for m in models:
         one = next((r for r in interp[m] if abs(r["alpha"] - 1.0) < 1e-9), None)
@@ -619,7 +620,7 @@ def claim_interpolation(metrics: Mapping[str, Any]) -> Claim:
                        (("safe_instruct_acc", "safe instruct accuracy"), ("separation", "separation"))
                        if f in one and f in top)
         rows.append(f"{m}: unsafe refused {_pct(k1, n1)} at α = 1 → {_pct(kt, nt)} at α = {top['alpha']:g} "
-                    f"(z = {z:.2f}, {_p(p)}){cost}")
+                    f"(z = {z:.2f}, {p_text(p)}){cost}")
         if one["unsafe_refused"] >= REFUSAL_CEILING:
             ceiling.append(m)
             results.append(None)
@@ -651,7 +652,7 @@ def claim_robust_vs_ssft(metrics: Mapping[str, Any]) -> Claim:
     ev = metrics.get("eval", {})
     lrs = [lr for lr in _lr_names(_study(ev)) if f"ssft@{lr}" in ev]
     if not lrs:
-        return _undecided(key, statement, "no SSFT model to compare with")
+        return undecided(key, statement, "no SSFT model to compare with")
     rows, results, figures, budget_notes = [], [], {}, []
     for lr in lrs:
         base = f"ssft@{lr}"
@@ -676,11 +677,11 @@ def claim_robust_vs_ssft(metrics: Mapping[str, Any]) -> Claim:
                 decided += 1
                 wins += p < ALPHA
                 figures[f"{m}/{fam}/harmful_minus_ssft"] = km / nm - ks / ns
-                cells.append(f"{meth} {fam} {km / nm:.1%} vs SSFT {ks / ns:.1%} ({_p(p)})")
+                cells.append(f"{meth} {fam} {km / nm:.1%} vs SSFT {ks / ns:.1%} ({p_text(p)})")
         results.append(None if not decided else wins > decided / 2)
         rows.append(f"at {lr}: lower than SSFT in {wins}/{decided} pairs (" + "; ".join(cells) + ")")
     if all(r is None for r in results) and not any("vs SSFT" in r for r in rows):
-        return _undecided(key, statement, "no DPO or unlearning model beside SSFT, or their jailbreak rates are "
+        return undecided(key, statement, "no DPO or unlearning model beside SSFT, or their jailbreak rates are "
                           "missing", "; ".join(rows) + ".")
     holds = _every(results)
     note = (f" Budgets differ from SSFT's (or are not recorded) for {', '.join(budget_notes)}: method and budget "
@@ -698,7 +699,7 @@ def _safely(key: str, statement: str, fn: Callable[[], Claim]) -> Claim:
     try:
         return fn()
     except (KeyError, TypeError, ValueError, IndexError, ZeroDivisionError) as e:
-        return _undecided(key, statement, f"its inputs are missing or malformed ({type(e).__name__}: {e})")
+        return undecided(key, statement, f"its inputs are missing or malformed ({type(e).__name__}: {e})")
 
 
 def assess_claims(metrics: Mapping[str, Any]) -> list[Claim]:

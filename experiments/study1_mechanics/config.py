@@ -18,11 +18,11 @@ import yaml
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-class _Loader(yaml.SafeLoader):
+class YamlLoader(yaml.SafeLoader):
     """YAML 1.1 with ``1e-4`` read as a float (plain PyYAML wants ``1.0e-4`` and reads ``1e-4`` as a string)."""
 
 
-_Loader.add_implicit_resolver(
+YamlLoader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
     re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
                 |\.[0-9_]+(?:[eE][-+][0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$""", re.X),
@@ -255,7 +255,7 @@ def _build(cls: type, data: dict[str, Any], where: str) -> Any:
     return cls(**kwargs)
 
 
-def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+def set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     parts = dotted.split(".")
     for p in parts[:-1]:
         node = tree.setdefault(p, {})
@@ -279,10 +279,10 @@ def config_path(name_or_path: str) -> str:
 def load_config(name_or_path: str, overrides: Sequence[str] = ()) -> StudyConfig:
     """Read a YAML config and apply ``key.sub=value`` overrides (values parsed as YAML)."""
     with open(config_path(name_or_path)) as f:
-        data = yaml.load(f, Loader=_Loader) or {}
+        data = yaml.load(f, Loader=YamlLoader) or {}
     for item in overrides:
         key, eq, raw = item.partition("=")
         if not eq or not key:
             raise ValueError(f"override {item!r} must look like section.key=value")
-        _set_dotted(data, key.strip(), yaml.load(raw, Loader=_Loader))
+        set_dotted(data, key.strip(), yaml.load(raw, Loader=YamlLoader))
     return _build(StudyConfig, data, "")

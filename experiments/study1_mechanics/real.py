@@ -34,7 +34,7 @@ import jax
 import numpy as np
 import yaml
 
-from experiments.study1_mechanics.claims import ALPHA, Claim, _delta_w_module, _p, _undecided
+from experiments.study1_mechanics.claims import ALPHA, Claim, delta_w_module_test, p_text, undecided
 from experiments.study1_mechanics.real_config import FEATURES, CheckpointSpec, RealStudyConfig, load_real_config
 from experiments.study1_mechanics.run import Stages
 from safety_jax.analysis.activations import collect_activations
@@ -296,7 +296,7 @@ def claim_separation_grows(metrics: Mapping[str, Any], cfg: RealStudyConfig, pna
           f"{b:.3g} ± {se_b:.2g}, chat {c:.3g} ± {se_c:.2g}; nearest-mean accuracy base {acc['base']:.2f}, chat "
           f"{acc['chat']:.2f}; n ≥ {n} per set.")
     if n < MIN_N:
-        return _undecided(key, statement, f"fewer than {MIN_N} examples in a set (n = {n})", ev)
+        return undecided(key, statement, f"fewer than {MIN_N} examples in a set (n = {n})", ev)
     z, p = mean_greater(c, se_c, b, se_b)
     figures["z"] = z
     holds = bool(p < ALPHA)
@@ -305,7 +305,7 @@ def claim_separation_grows(metrics: Mapping[str, Any], cfg: RealStudyConfig, pna
                "the chat model's clusters are not further apart beyond the uncertainty. τ is a distance in activation "
                "units and fine-tuning can rescale the MLP input (its norm weight): compare the nearest-mean "
                "accuracies, which do not depend on the scale.")
-    return Claim(key, statement, holds, ev + f" Test: one-sided z = {z:.2f}, {_p(p)} at {ALPHA}.", reading, figures)
+    return Claim(key, statement, holds, ev + f" Test: one-sided z = {z:.2f}, {p_text(p)} at {ALPHA}.", reading, figures)
 
 
 def claim_jailbreak(metrics: Mapping[str, Any], cfg: RealStudyConfig, pname: str, jb: str, kind: str) -> Claim:
@@ -321,7 +321,7 @@ def claim_jailbreak(metrics: Mapping[str, Any], cfg: RealStudyConfig, pname: str
     ev = "Mean τ over layers (positive: nearer the safe mean; controls are not decided on): " + "; ".join(rows) + "."
     n = min(t["chat"][s]["n"] for s in (pair.unsafe, jb))
     if n < MIN_N:
-        return _undecided(key, statement, f"fewer than {MIN_N} examples in a set (n = {n})", ev)
+        return undecided(key, statement, f"fewer than {MIN_N} examples in a set (n = {n})", ev)
     (j, se_j), (u, se_u) = _mean_se(t["chat"][jb]), _mean_se(t["chat"][pair.unsafe])
     z, p = mean_greater(j, se_j, u, se_u)
     holds = bool(p < ALPHA)
@@ -329,17 +329,17 @@ def claim_jailbreak(metrics: Mapping[str, Any], cfg: RealStudyConfig, pname: str
                "paper's account of why jailbreaks work; the controls show how far the encoding alone moves a prompt."
                if holds else "the jailbreak does not move toward the safe cluster beyond the uncertainty of τ.")
     return Claim(key, statement, holds, ev + f" Chat: {jb} {j:.3g} ± {se_j:.2g} vs {pair.unsafe} {u:.3g} ± "
-                 f"{se_u:.2g}, one-sided z = {z:.2f}, {_p(p)} at {ALPHA}.", reading, {"z": z, "jailbreak": j,
+                 f"{se_u:.2g}, one-sided z = {z:.2f}, {p_text(p)} at {ALPHA}.", reading, {"z": z, "jailbreak": j,
                                                                                         "unsafe": u})
 
 
 def claim_delta_w(metrics: Mapping[str, Any], module: str) -> Claim:
     """ΔW's top directions lie outside the base weight's column space more than a random direction, in most layers
-    (``claims._delta_w_module``: a sign test per layer over the top-k directions)."""
+    (``claims.delta_w_module_test``: a sign test per layer over the top-k directions)."""
     key = f"delta_w_outside/{module}"
     statement = (f"ΔW = W_chat − W_base of {module} writes outside the base weight's column space more than a random "
                  "direction does")
-    r = _delta_w_module(metrics["delta_w"][module])
+    r = delta_w_module_test(metrics["delta_w"][module])
     ok = r["excess"] > 0 and r["significant"] > r["layers"] / 2
     holds = True if ok else None if not r["layers"] or (r["excess"] > 0 and not r["testable"]) else False
     ev = (f"sin θ of ΔW's top {metrics['top_k']} directions, mean over layers {r['sin']:.3f} vs a random direction's "
