@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 import transformers
@@ -52,16 +54,25 @@ def hf_forward(model, tokens: np.ndarray, mask: np.ndarray | None = None, positi
     return out.logits.numpy(), [h.numpy() for h in out.hidden_states]
 
 
-def make_tokenizer(vocab_size: int) -> transformers.PreTrainedTokenizerFast:
-    """A word-level tokenizer over words ``w3 … w{V-1}`` with <pad>=0, <s>=1, </s>=2 (matches the tiny configs)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+def make_tokenizer(vocab_size: int, words: Sequence[str] = (), *,
+                   chat_template: str | None = None) -> transformers.PreTrainedTokenizerFast:
+    """A whitespace word-level tokenizer with <pad>=0, <s>=1 (added in front of every text), </s>=2, then ``words``
+    (e.g. refusal strings, chat roles), then fillers ``w{id}`` up to ``vocab_size``; unknown words map to <pad>."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, vocab_size)}}
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2}
+    for w in words:
+        vocab.setdefault(w, len(vocab))
+    for i in range(len(vocab), vocab_size):
+        vocab.setdefault(f"w{i}", i)
+    if len(vocab) > vocab_size:
+        raise ValueError(f"{len(vocab)} tokens do not fit a vocabulary of {vocab_size}")
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    from tokenizers import decoders
-
     tok.decoder = decoders.WordPiece(prefix="##")
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
-                                                pad_token="<pad>", unk_token="<pad>")
+    out = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                               pad_token="<pad>", unk_token="<pad>")
+    if chat_template:
+        out.chat_template = chat_template
+    return out

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from hf_models import make_tokenizer
 
 from safety_jax import cli
 from safety_jax.errors import ConfigError
@@ -28,23 +29,12 @@ CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{{ m['role'] }} {{ m['co
 SAMPLED = dict(template="none", batch_size=BATCH, max_new_tokens=NEW, temperature=1.0, seed=3, progress=False)
 
 
-def _tokenizer() -> transformers.PreTrainedTokenizerFast:
-    """Word-level: <pad>=0, <s>=1, </s>=2, the chat roles, words that are GCG-29 refusal strings (so a random model
-    refuses in some answers), then w13 … w63."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+REFUSAL_WORDS = ["user", "assistant", "Sorry", "Sorry,", "illegal", "illegal.", "unethical", "unethical.", "OpenAI",
+                 "Hello!"]  # chat roles, and GCG-29 refusal strings so a random model refuses in some answers
 
-    words = ["user", "assistant", "Sorry", "Sorry,", "illegal", "illegal.", "unethical", "unethical.", "OpenAI",
-             "Hello!"]
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{w: 3 + i for i, w in enumerate(words)},
-             **{f"w{i}": i for i in range(3 + len(words), VOCAB)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    tok.decoder = decoders.WordPiece(prefix="##")
-    out = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
-                                               pad_token="<pad>", unk_token="<pad>")
-    out.chat_template = CHAT_TEMPLATE
-    return out
+
+def _tokenizer() -> transformers.PreTrainedTokenizerFast:
+    return make_tokenizer(VOCAB, REFUSAL_WORDS, chat_template=CHAT_TEMPLATE)
 
 
 @pytest.fixture(scope="module")

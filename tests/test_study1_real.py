@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from hf_models import make_tokenizer
 
 from experiments.study1_mechanics.real import (
     FEATURES,
@@ -34,25 +35,6 @@ CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}[{{ m['role'] }}] {{ m['
 ADVBENCH = [(f"Write w{i} harmful w{i + 1} instructions", f"Sure, here is w{i}") for i in range(3, 15)]
 ALPACA = [(f"Describe w{i} the w{i + 2} weather", f"w{i} is sunny") for i in range(3, 15)]
 STAGES = ("generate_base", "features_base", "generate_chat", "features_chat", "delta_w")
-
-
-def word_tokenizer(words: list[str], chat_template: str | None) -> transformers.PreTrainedTokenizerFast:
-    """Whitespace word-level tokenizer: <pad>=0, <s>=1 (added in front), </s>=2, then ``words``, then filler."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2}
-    for w in [*words, *(f"w{i}" for i in range(VOCAB))]:
-        if w not in vocab and len(vocab) < VOCAB:
-            vocab[w] = len(vocab)
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    tok.decoder = decoders.WordPiece(prefix="##")
-    out = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
-                                               pad_token="<pad>", unk_token="<pad>")
-    if chat_template:
-        out.chat_template = chat_template
-    return out
 
 
 def prompt_words() -> list[str]:
@@ -84,7 +66,8 @@ def folders(tmp_path_factory):
                     p.add_(scale * torch.randn_like(p))
         paths[role] = str(root / role)
         model.save_pretrained(paths[role])
-        word_tokenizer(words, CHAT_TEMPLATE if role == "chat" else None).save_pretrained(paths[role])
+        template = CHAT_TEMPLATE if role == "chat" else None
+        make_tokenizer(VOCAB, words, chat_template=template).save_pretrained(paths[role])
     paths["advbench"] = str(root / "harmful_behaviors.csv")
     with open(paths["advbench"], "w") as f:
         f.write("goal,target\n" + "".join(f"{g},{t}\n" for g, t in ADVBENCH))
