@@ -15,6 +15,8 @@ from typing import Any
 
 import yaml
 
+from safety_jax.errors import ConfigError
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -276,13 +278,19 @@ def config_path(name_or_path: str) -> str:
     return path
 
 
-def load_config(name_or_path: str, overrides: Sequence[str] = ()) -> StudyConfig:
-    """Read a YAML config and apply ``key.sub=value`` overrides (values parsed as YAML)."""
+def read_config(name_or_path: str, overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """A YAML config (a shipped name or a path) as a dict, with ``key.sub=value`` overrides (values parsed as
+    YAML) applied."""
     with open(config_path(name_or_path)) as f:
         data = yaml.load(f, Loader=YamlLoader) or {}
     for item in overrides:
         key, eq, raw = item.partition("=")
         if not eq or not key:
-            raise ValueError(f"override {item!r} must look like section.key=value")
+            raise ConfigError(f"override {item!r} must look like section.key=value")
         set_dotted(data, key.strip(), yaml.load(raw, Loader=YamlLoader))
-    return _build(StudyConfig, data, "")
+    return data
+
+
+def load_config(name_or_path: str, overrides: Sequence[str] = ()) -> StudyConfig:
+    """Read a YAML config and apply ``key.sub=value`` overrides (values parsed as YAML)."""
+    return _build(StudyConfig, read_config(name_or_path, overrides), "")

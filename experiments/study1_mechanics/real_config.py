@@ -14,9 +14,7 @@ import typing
 from collections.abc import Sequence
 from typing import Any
 
-import yaml
-
-from experiments.study1_mechanics.config import YamlLoader, config_path, set_dotted
+from experiments.study1_mechanics.config import read_config
 from safety_jax.errors import ConfigError
 from safety_jax.model.llama import CAPTURE_NAMES, LINEAR_MODULES
 from safety_jax.parallel import STRATEGY_RULES, parse_mesh_spec
@@ -235,14 +233,7 @@ def _build(cls: type, data: Any, where: str) -> Any:
 
 def load_real_config(name_or_path: str, overrides: Sequence[str] = ()) -> RealStudyConfig:
     """Read a YAML config (``real_llama2`` / ``real_llama3`` or a path) and apply ``key.sub=value`` overrides."""
-    with open(config_path(name_or_path)) as f:
-        data = yaml.load(f, Loader=YamlLoader) or {}
-    for item in overrides:
-        key, eq, raw = item.partition("=")
-        if not eq or not key:
-            raise ConfigError(f"override {item!r} must look like section.key=value")
-        set_dotted(data, key.strip(), yaml.load(raw, Loader=YamlLoader))
-    return _build(RealStudyConfig, data, "")
+    return _build(RealStudyConfig, read_config(name_or_path, overrides), "")
 
 
 __all__ = ["FEATURES", "CheckpointSpec", "GenerationSpec", "PairSpec", "PromptSetSpec", "RealStudyConfig",
