@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -67,6 +67,9 @@ ACT_HEADS = ("batch", "seq", "heads", None)
 ACT_KV = ("batch", "seq", "kv_heads", None)
 ACT_CACHE = ("layers", "batch", None, "kv_heads", None)  # the KV cache [L, B, S, K, H]
 LINEAR_MODULES = ("attn.q", "attn.k", "attn.v", "attn.o", "mlp.gate", "mlp.up", "mlp.down")
+LORA_MID = "lora_mid."  # capture ``lora_mid.<module>``: the adapter intermediate x·A [L, B, T, r] (needs lora=)
+REDUCTIONS = ("sum", "sum_sq")  # ``capture_reduce`` kinds: Σ_tokens x, Σ_tokens x² (float32)
+PERTURB_SITES = ("attn_out", "mlp_out", "resid_post")
 
 # ``remat=`` names: what each decoder block keeps for the backward pass (the rest is recomputed).
 #   none           everything (no rematerialisation)
@@ -172,7 +175,8 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 
 def _lora_delta(x: jax.Array, lora_m: dict | None, in_eq: str, out_eq: str, scale: float,
-                dropout: tuple[float, jax.Array] | None = None) -> jax.Array | float:
+                dropout: tuple[float, jax.Array] | None = None,
+                keep_mid: Callable[[jax.Array], None] | None = None) -> jax.Array | float:
     if lora_m is None:
         return 0.0
     if dropout is not None:  # inverted dropout on the adapter input only (PEFT's lora_dropout)
@@ -180,19 +184,24 @@ def _lora_delta(x: jax.Array, lora_m: dict | None, in_eq: str, out_eq: str, scal
         keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
         x = jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
     z = jnp.einsum(f"{in_eq}->btr", x, lora_m["a"].astype(x.dtype))
+    if keep_mid is not None:
+        keep_mid(z)
     return scale * jnp.einsum(f"btr,{out_eq}", z, lora_m["b"].astype(x.dtype))
 
 
 def _linear(x: jax.Array, w: jax.Array, eq: str, lora_m: dict | None, lora_scale: float,
-            dropout: tuple[float, jax.Array] | None = None) -> jax.Array:
-    """``einsum(eq, x, w)`` plus the LoRA path ``scale · (dropout(x) A) B`` when adapters are given."""
+            dropout: tuple[float, jax.Array] | None = None,
+            keep_mid: Callable[[jax.Array], None] | None = None) -> jax.Array:
+    """``einsum(eq, x, w)`` plus the LoRA path ``scale · (dropout(x) A) B`` when adapters are given (``keep_mid``
+    receives the adapter intermediate ``dropout(x) A`` [B, T, r])."""
     y = jnp.einsum(eq, x, w.astype(x.dtype))
     if lora_m is not None:
         ins, out = eq.split("->")
         x_eq, w_eq = ins.split(",")
         in_letters = "".join(c for c in w_eq if c in x_eq and c not in "bt")
         out_letters = "".join(c for c in w_eq if c not in in_letters)
-        y = y + _lora_delta(x, lora_m, f"{x_eq},{in_letters}r", f"r{out_letters}->{out}", lora_scale, dropout)
+        y = y + _lora_delta(x, lora_m, f"{x_eq},{in_letters}r", f"r{out_letters}->{out}", lora_scale, dropout,
+                            keep_mid)
     return y
 
 
@@ -217,6 +226,15 @@ def logits_from_hidden(params: Params, hidden: jax.Array, config: LlamaConfig) -
     return jnp.einsum("...d,dv->...v", x, params["lm_head"].astype(x.dtype), preferred_element_type=jnp.float32)
 
 
+def _reduce_tokens(x: jax.Array, mask: jax.Array | None, how: str) -> jax.Array:
+    """x: [B, T, ...] -> [...] float32, summed over the tokens where ``mask`` [B, T] is non-zero."""
+    xf = x.astype(jnp.float32)
+    if how == "sum_sq":
+        xf = xf * xf
+    w = jnp.ones(x.shape[:2], jnp.float32) if mask is None else mask.astype(jnp.float32)
+    return jnp.einsum("bt,bt...->...", w, xf)
+
+
 def _gather_positions(x: jax.Array, idx: jax.Array | None) -> jax.Array:
     """x: [B, T, ...], idx: [B, P] -> [B, P, ...] (identity when idx is None)."""
     if idx is None:
@@ -229,10 +247,14 @@ def _decoder(params: Params, tokens: jax.Array, config: LlamaConfig, *, position
              kv_valid: jax.Array, q_slots: jax.Array, cache: dict | None, capture: Sequence[str],
              capture_positions: jax.Array | None, interventions: Sequence[Intervention], lora: Params | None,
              lora_scale: float, remat: bool | str, input_embeds: jax.Array | None, lora_dropout: float = 0.0,
-             dropout_rng: jax.Array | None = None, attend_cache: bool = True):
+             dropout_rng: jax.Array | None = None, attend_cache: bool = True,
+             reduce: Mapping[str, str] | None = None, reduce_mask: jax.Array | None = None,
+             perturb: Mapping[str, jax.Array] | None = None):
     """The layer scan. With ``cache`` ({k, v: [L, B, S, K, H], index}) the cache rides in the scan carry and each
     layer writes its new keys/values with one ``dynamic_update_slice`` (in place: no per-step copy of the cache);
     ``attend_cache=False`` (a prefill into an empty cache) attends within the chunk only instead of over all S slots.
+    ``reduce`` / ``reduce_mask``: per name a reduction over the masked tokens taken inside the scan ([L, ...]);
+    ``perturb``: per site an [L, B, T, D] tensor added there.
     Returns (final normed hidden [B, T, D], captured, updated cache or None)."""
     dtype = config.dtype
     if input_embeds is not None:
@@ -243,6 +265,7 @@ def _decoder(params: Params, tokens: jax.Array, config: LlamaConfig, *, position
     eps = config.rms_norm_eps
     lora_layers = (lora or {}).get("layers", {})
     iv_static = tuple(interventions)
+    reduce = dict(reduce or {})
 
     def block(carry, layer):
         x, kv = carry
@@ -256,18 +279,28 @@ def _decoder(params: Params, tokens: jax.Array, config: LlamaConfig, *, position
 
         caps: dict[str, jax.Array] = {}
 
+        def perturbed(value: jax.Array, site: str) -> jax.Array:
+            delta = layer["perturb"].get(site)
+            return value if delta is None else value + delta.astype(value.dtype)
+
         def keep(name, value):
             if name in capture:
                 caps[name] = _gather_positions(value, capture_positions)
+            if name in reduce:
+                caps[name] = _reduce_tokens(value, reduce_mask, reduce[name])
+
+        def mid(module: str) -> Callable[[jax.Array], None] | None:
+            name = f"{LORA_MID}{module}"
+            return (lambda z: keep(name, z)) if name in capture or name in reduce else None
 
         x = constrain(apply_interventions(x, ivp, "resid_pre"), ACT_EMBED)
         keep("resid_pre", x)
         h = rms_norm(x, w["attn_norm"], eps)
         keep("attn_in", h)
         la = lw.get("attn", {})
-        q = _linear(h, w["attn"]["q"], "btd,dnh->btnh", la.get("q"), lora_scale, drop(0))
-        k = _linear(h, w["attn"]["k"], "btd,dkh->btkh", la.get("k"), lora_scale, drop(1))
-        v = _linear(h, w["attn"]["v"], "btd,dkh->btkh", la.get("v"), lora_scale, drop(2))
+        q = _linear(h, w["attn"]["q"], "btd,dnh->btnh", la.get("q"), lora_scale, drop(0), mid("attn.q"))
+        k = _linear(h, w["attn"]["k"], "btd,dkh->btkh", la.get("k"), lora_scale, drop(1), mid("attn.k"))
+        v = _linear(h, w["attn"]["v"], "btd,dkh->btkh", la.get("v"), lora_scale, drop(2), mid("attn.v"))
         q, k = constrain(apply_rope(q, cos, sin), ACT_HEADS), constrain(apply_rope(k, cos, sin), ACT_KV)
         v = constrain(v, ACT_KV)
         if kv is not None:
@@ -281,24 +314,25 @@ def _decoder(params: Params, tokens: jax.Array, config: LlamaConfig, *, position
                 v = jax.lax.dynamic_index_in_dim(kv["v"], li, 0, keepdims=False).astype(dtype)
         attn = attention(q, k, v, q_slots, kv_valid, impl=config.attention_impl)
         keep("attn_hidden", attn)
-        attn_out = _linear(attn, w["attn"]["o"], "btnh,nhd->btd", la.get("o"), lora_scale, drop(3))
-        attn_out = apply_interventions(attn_out, ivp, "attn_out")
+        attn_out = _linear(attn, w["attn"]["o"], "btnh,nhd->btd", la.get("o"), lora_scale, drop(3), mid("attn.o"))
+        attn_out = perturbed(apply_interventions(attn_out, ivp, "attn_out"), "attn_out")
         keep("attn_out", attn_out)
         x = x + attn_out
         keep("resid_mid", x)
         h = rms_norm(x, w["mlp_norm"], eps)
         keep("mlp_in", h)
         lm = lw.get("mlp", {})
-        gate = _linear(h, w["mlp"]["gate"], "btd,df->btf", lm.get("gate"), lora_scale, drop(4))
-        up = _linear(h, w["mlp"]["up"], "btd,df->btf", lm.get("up"), lora_scale, drop(5))
+        gate = _linear(h, w["mlp"]["gate"], "btd,df->btf", lm.get("gate"), lora_scale, drop(4), mid("mlp.gate"))
+        up = _linear(h, w["mlp"]["up"], "btd,df->btf", lm.get("up"), lora_scale, drop(5), mid("mlp.up"))
         gate, up = constrain(gate, ACT_MLP), constrain(up, ACT_MLP)
         hidden = jax.nn.silu(gate) * up
         keep("mlp_hidden", hidden)
-        mlp_out = _linear(hidden, w["mlp"]["down"], "btf,fd->btd", lm.get("down"), lora_scale, drop(6))
-        mlp_out = apply_interventions(mlp_out, ivp, "mlp_out")
+        mlp_out = _linear(hidden, w["mlp"]["down"], "btf,fd->btd", lm.get("down"), lora_scale, drop(6),
+                          mid("mlp.down"))
+        mlp_out = perturbed(apply_interventions(mlp_out, ivp, "mlp_out"), "mlp_out")
         keep("mlp_out", mlp_out)
         x = constrain(x + mlp_out, ACT_EMBED)
-        x = apply_interventions(x, ivp, "resid_post")
+        x = perturbed(apply_interventions(x, ivp, "resid_post"), "resid_post")
         keep("resid_post", x)
         return (x, kv), caps
 
@@ -309,7 +343,7 @@ def _decoder(params: Params, tokens: jax.Array, config: LlamaConfig, *, position
     n_layers = config.num_hidden_layers
     per_layer_iv = tuple({"direction": iv.direction, "coeff": iv.coeff, "layers": iv.layers} for iv in iv_static)
     xs: dict[str, Any] = {"w": params["layers"], "lora": lora_layers, "iv": per_layer_iv, "rng": None,
-                          "index": jnp.arange(n_layers, dtype=jnp.int32)}
+                          "index": jnp.arange(n_layers, dtype=jnp.int32), "perturb": dict(perturb or {})}
     if lora and lora_dropout > 0.0 and dropout_rng is not None:
         xs["rng"] = jax.random.key_data(jax.random.split(_as_key(dropout_rng), n_layers))
     kv = None
@@ -327,15 +361,34 @@ def default_positions(attention_mask: jax.Array | None, batch: int, length: int)
     return jnp.where(attention_mask.astype(bool), pos, 0)
 
 
-def _check_inputs(tokens: jax.Array, config: LlamaConfig, attention_mask, positions, capture) -> None:
+def _capturable(name: str, lora: Params | None) -> bool:
+    if name.startswith(LORA_MID):
+        group, _, leaf = name[len(LORA_MID):].partition(".")
+        return leaf in (lora or {}).get("layers", {}).get(group, {})
+    return name in CAPTURE_NAMES
+
+
+def _check_inputs(tokens: jax.Array, config: LlamaConfig, attention_mask, positions, capture,
+                  capture_reduce: Mapping[str, str] = {}, reduce_mask=None, perturb: Mapping[str, Any] = {},
+                  lora: Params | None = None) -> None:
     if tokens.ndim != 2:
         raise ValueError(f"tokens must be [batch, seq] integers, got shape {tokens.shape}")
-    for name, arr in (("attention_mask", attention_mask), ("positions", positions)):
+    for name, arr in (("attention_mask", attention_mask), ("positions", positions), ("reduce_mask", reduce_mask)):
         if arr is not None and tuple(arr.shape) != tuple(tokens.shape):
             raise ValueError(f"{name} must have the shape of tokens {tuple(tokens.shape)}, got {tuple(arr.shape)}")
-    unknown = [c for c in capture if c not in CAPTURE_NAMES]
+    unknown = [c for c in (*capture, *capture_reduce) if not _capturable(c, lora)]
     if unknown:
-        raise ValueError(f"capture names {unknown} unknown; choose from {CAPTURE_NAMES}")
+        raise ValueError(f"capture names {unknown} unknown; choose from {CAPTURE_NAMES} or {LORA_MID}<module> for "
+                         "a module the adapters cover")
+    bad = {k: v for k, v in capture_reduce.items() if v not in REDUCTIONS}
+    if bad:
+        raise ValueError(f"capture_reduce {bad}: reductions are {REDUCTIONS}")
+    want = (config.num_hidden_layers, *tokens.shape, config.hidden_size)
+    for site, delta in perturb.items():
+        if site not in PERTURB_SITES:
+            raise ValueError(f"perturb site {site!r}; choose from {PERTURB_SITES}")
+        if tuple(delta.shape) != want:
+            raise ValueError(f"perturb[{site!r}] must be [L, B, T, D] = {want}, got {tuple(delta.shape)}")
 
 
 def forward(params: Params, tokens: jax.Array, config: LlamaConfig, *, attention_mask: jax.Array | None = None,
@@ -343,7 +396,8 @@ def forward(params: Params, tokens: jax.Array, config: LlamaConfig, *, attention
             capture_positions: jax.Array | None = None, interventions: Sequence[Intervention] = (),
             lora: Params | None = None, lora_scale: float = 1.0, remat: bool | str = False,
             input_embeds: jax.Array | None = None, lora_dropout: float = 0.0, dropout_rng: jax.Array | None = None,
-            return_hidden: bool = False):
+            return_hidden: bool = False, capture_reduce: Mapping[str, str] | None = None,
+            reduce_mask: jax.Array | None = None, perturb: Mapping[str, jax.Array] | None = None):
     """Run the decoder on ``tokens: [B, T]``.
 
     attention_mask: [B, T], 1 for real tokens, 0 for padding (left or right). positions: [B, T] RoPE positions
@@ -355,13 +409,24 @@ def forward(params: Params, tokens: jax.Array, config: LlamaConfig, *, attention
     remat: a name from ``REMAT_POLICIES`` (``True`` / ``False`` = "full" / "none").
     return_hidden: return the final normed hidden states [B, T, D] (compute dtype) instead of the logits, for
     losses that apply the head chunk by chunk (:func:`logits_from_hidden`).
+    capture_reduce: ``{name: "sum" | "sum_sq"}``: the named intermediate reduced over tokens inside the layer scan,
+    float32 ``[L, ...]`` (e.g. Wanda's Σ x² per input feature without an [L, B, T, F] buffer); ``reduce_mask``
+    [B, T] picks the tokens (default: ``attention_mask``, else all). Names as ``capture``, plus
+    ``lora_mid.<module>`` (the adapter intermediate x·A) when ``lora`` covers the module.
+    perturb: ``{site: [L, B, T, D]}`` added at ``attn_out`` / ``mlp_out`` / ``resid_post`` of every layer (zeros
+    change nothing; its gradient is ∂loss/∂(that hidden output), as Vaccine needs).
 
-    Returns float32 logits [B, T, V] (or the hidden states), paired with ``captured`` when ``capture`` is given.
+    Returns float32 logits [B, T, V] (or the hidden states), paired with ``captured`` (captures and reductions by
+    name) when ``capture`` or ``capture_reduce`` is given.
     """
     if isinstance(capture, str):
         capture = (capture,)
     capture = tuple(capture or ())
-    _check_inputs(tokens, config, attention_mask, positions, capture)
+    capture_reduce = dict(capture_reduce or {})
+    perturb = dict(perturb or {})
+    _check_inputs(tokens, config, attention_mask, positions, capture, capture_reduce, reduce_mask, perturb, lora)
+    if reduce_mask is None:
+        reduce_mask = attention_mask
     check_forward_interventions(interventions)
     b, t = tokens.shape
     if positions is None:
@@ -371,9 +436,9 @@ def forward(params: Params, tokens: jax.Array, config: LlamaConfig, *, attention
         params, tokens, config, positions=positions, kv_valid=kv_valid, q_slots=jnp.arange(t), cache=None,
         capture=capture, capture_positions=capture_positions, interventions=tuple(interventions), lora=lora,
         lora_scale=lora_scale, remat=remat, input_embeds=input_embeds, lora_dropout=lora_dropout,
-        dropout_rng=dropout_rng)
+        dropout_rng=dropout_rng, reduce=capture_reduce, reduce_mask=reduce_mask, perturb=perturb)
     out = hidden if return_hidden else logits_from_hidden(params, hidden, config)
-    return (out, captured) if capture else out
+    return (out, captured) if capture or capture_reduce else out
 
 
 def init_cache(config: LlamaConfig, batch: int, max_len: int, dtype: Any = None) -> dict[str, jax.Array]:
