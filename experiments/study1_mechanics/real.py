@@ -10,7 +10,7 @@ with their base64 jailbreaks; Alpaca vs AdvBench), with each model's own class m
 MLP matrices against the base model's column space. Claims are decided against their baselines (the base model, the
 plain unsafe prompts, a random direction); ``report.md``, ``metrics.json`` and PNG plots go to OUT.
 
-Stages (``run.Stages``, under ``OUT/<stage>/``, skipped when done with the same settings): ``generate_base``,
+Stages (``stages.Stages``, under ``OUT/<stage>/``, skipped when done with the same settings): ``generate_base``,
 ``features_base``, ``generate_chat``, ``features_chat``, ``delta_w``. A model is loaded only when one of its stages
 runs; once its stages are done only the weights ΔW reads are kept, so the two models are never both whole in memory.
 """
@@ -36,7 +36,6 @@ import yaml
 
 from experiments.study1_mechanics.claims import ALPHA, Claim, delta_w_module_test, p_text, undecided
 from experiments.study1_mechanics.real_config import FEATURES, CheckpointSpec, RealStudyConfig, load_real_config
-from experiments.study1_mechanics.run import Stages
 from safety_jax.analysis.activations import collect_activations
 from safety_jax.analysis.clusters import class_means, cluster_accuracy, tau, tau_summary
 from safety_jax.analysis.weights import delta_weight_analysis, module_matrix
@@ -50,6 +49,7 @@ from safety_jax.model.llama import Params
 from safety_jax.model.sharding import use_activation_sharding
 from safety_jax.parallel import activation_constraint, make_mesh, param_sharding_fn
 from safety_jax.report import Report, fmt, line_panels
+from safety_jax.stages import Stages
 
 log = logging.getLogger("study1.real")
 

@@ -17,11 +17,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import hashlib
 import json
 import logging
 import os
-import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -38,7 +36,7 @@ from tqdm.auto import tqdm
 from experiments.study1_mechanics import claims, summary
 from experiments.study1_mechanics.config import StudyConfig, load_config
 from safety_jax.analysis.weights import delta_weight_analysis, interpolate_params, module_matrix
-from safety_jax.data.synthetic import World, build_tokenizer, build_world, get_world_config
+from safety_jax.data.synthetic import World, build_world, get_world_config
 from safety_jax.data.synthetic_sets import (
     REFUSED,
     SyntheticBatch,
@@ -50,73 +48,13 @@ from safety_jax.data.synthetic_sets import (
 )
 from safety_jax.eval import synthetic_world
 from safety_jax.model.config import LlamaConfig, get_preset
-from safety_jax.model.hf import load_hf, save_hf
 from safety_jax.model.llama import LINEAR_MODULES, Params, init_params
-from safety_jax.report import to_jsonable
+from safety_jax.stages import Stages
 from safety_jax.train import losses
 from safety_jax.train.optim import OptimConfig, build_optimizer
 from safety_jax.train.trainer import TrainConfig, train
 
 log = logging.getLogger("study1")
-
-
-# ---------------------------------------------------------------------------------------------------- stage cache
-class Stages:
-    """Run-once stages under one output folder. ``OUT/<name>/DONE`` records the stage's wall time and the fingerprint
-    of the config it depends on: a stage done with the same fingerprint is skipped and its saved outputs loaded; one
-    done (or interrupted) under another fingerprint is wiped and recomputed. An interrupted stage with the same
-    fingerprint keeps its folder, so the trainer resumes from its checkpoints."""
-
-    def __init__(self, out: str) -> None:
-        self.out = out
-        self.timing: dict[str, float] = {}
-        self.skipped: list[str] = []
-
-    def _run(self, name: str, depends_on: Any, compute: Callable[[str], None]) -> str:
-        folder = os.path.join(self.out, name)
-        done, started = os.path.join(folder, "DONE"), os.path.join(folder, "STARTED")
-        fingerprint = hashlib.sha256(json.dumps(to_jsonable(depends_on), sort_keys=True).encode()).hexdigest()[:16]
-        if os.path.exists(done):
-            with open(done) as f:
-                record = json.load(f)
-            if record.get("fingerprint") == fingerprint:
-                self.timing[name] = record["seconds"]
-                self.skipped.append(name)
-                log.info("stage %s: done before, skipped", name)
-                return folder
-        if os.path.exists(done) or (os.path.exists(started) and _read(started) != fingerprint):
-            log.info("stage %s: its config changed, recomputing", name)
-            shutil.rmtree(folder)
-        os.makedirs(folder, exist_ok=True)
-        with open(started, "w") as f:
-            f.write(fingerprint)
-        t0 = time.perf_counter()
-        compute(folder)
-        self.timing[name] = time.perf_counter() - t0
-        with open(done, "w") as f:
-            json.dump({"seconds": self.timing[name], "fingerprint": fingerprint}, f)
-        log.info("stage %s: %.1f s", name, self.timing[name])
-        return folder
-
-    def model(self, name: str, depends_on: Any, config: LlamaConfig, world: World,
-              fn: Callable[[str], Params]) -> Params:
-        """A stage whose output is a model, saved as a Hugging Face folder ``OUT/<name>/model``."""
-        folder = self._run(name, depends_on, lambda d: save_hf(config, fn(d), os.path.join(d, "model"),
-                                                               tokenizer=build_tokenizer(world), overwrite=True))
-        return load_hf(os.path.join(folder, "model"))[1]
-
-    def json(self, name: str, depends_on: Any, fn: Callable[[], Any]) -> Any:
-        """A stage whose output is JSON-like, saved as ``OUT/<name>/result.json``."""
-        def compute(d: str) -> None:
-            with open(os.path.join(d, "result.json"), "w") as f:
-                json.dump(to_jsonable(fn()), f)
-        with open(os.path.join(self._run(name, depends_on, compute), "result.json")) as f:
-            return json.load(f)
-
-
-def _read(path: str) -> str:
-    with open(path) as f:
-        return f.read()
 
 
 class StepBatches:
