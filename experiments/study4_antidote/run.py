@@ -94,43 +94,50 @@ def study1_aligned(cfg1: StudyConfig, st: Stages, world: World, mcfg: LlamaConfi
     return pre, params, pre_key, keys[run]
 
 
-def defended_alignment(w: World4, st: Stages, pre: Params, pre_key: dict[str, Any], defense: str) -> Params:
-    """Study 1's alignment run re-run from the pretrained model with Vaccine's / Booster's gradient."""
+def _defense_grad(name: str, args: dict[str, Any], mcfg: LlamaConfig, steps: int) -> Any:
+    """``train.defenses.make_defense_grad`` for ``name`` with its config from ``args`` (the YAML's fields)."""
     try:
-        from safety_jax.train.defenses import make_defense_grad
+        from safety_jax.train import defenses
     except ImportError:
-        raise ConfigError(f"defense {defense!r} needs safety_jax.train.defenses.make_defense_grad, which this "
-                          "checkout lacks; drop it from `defense`") from None
+        raise ConfigError(f"defense {name!r} needs safety_jax.train.defenses, which this checkout lacks; drop it "
+                          "from `defense`") from None
+    try:
+        cfg = defenses.CONFIGS[name](**args)
+    except TypeError as e:
+        raise ConfigError(f"config {name} settings {args!r}: {e}") from None
+    return defenses, defenses.make_defense_grad(name, cfg, model_config=mcfg, total_steps=steps)
+
+
+def defended_alignment(w: World4, st: Stages, pre: Params, defense: str) -> Params:
+    """Study 1's alignment run re-run from the pretrained model with Vaccine's / Booster's gradient (Booster's
+    harmful group: unsafe inputs with their harmful completions)."""
     cfg1, run = w.cfg1, w.cfg.alignment.run
     method, lr = study1.finetune_runs(cfg1)[run]
     if method != "ssft":
         raise ConfigError(f"defense {defense!r}: alignment.run={run!r}; alignment defenses re-run an SSFT run")
     f = cfg1.finetune.for_method(method)
     steps = cfg1.finetune.steps_at(method, run.split("@", 1)[1])
-    kwargs = w.cfg.alignment.defense_args.get(defense, {})
-    key = {"aligned": w.base_key, "defense": defense, "args": kwargs}
+    args = w.cfg.alignment.defense_args.get(defense, {})
+    key = {"aligned": w.base_key, "defense": defense, "args": args, "seed": w.cfg.seed}
 
     def fit(d: str) -> Params:
-        loss_fn = losses.make_sft_loss(w.mcfg)
-        grad_fn = make_defense_grad(defense, loss_fn, w.mcfg, **kwargs)
+        defenses, grad_fn = _defense_grad(defense, args, w.mcfg, steps)
         ocfg = OptimConfig(lr=lr, schedule=f.schedule, warmup_steps=f.warmup_steps, total_steps=f.decay_steps or steps,
                            min_lr_ratio=0.01 if f.min_lr is None else min(f.min_lr / lr, 1.0),
                            weight_decay=f.weight_decay)
-        batches = study1.StepBatches(lambda i: _alignment_batch(w, i, defense))
-        state, _ = train(loss_fn, build_optimizer(ocfg, pre), pre, batches,
+        batches: Any = study1.StepBatches(lambda i: study1.method_batch(cfg1, w.world, "ssft", i))
+        if defense == "booster":
+            batches = defenses.BoosterBatches(batches, study1.StepBatches(lambda i: _harmful_batch(w, i, f.batch_size)))
+        state, _ = train(losses.make_sft_loss(w.mcfg), build_optimizer(ocfg, pre), pre, batches,
                          TrainConfig(steps=steps, log_every=max(steps // 10, 1), seed=cfg1.seed), grad_fn=grad_fn)
         return state.params
     return st.model(f"study4_align_{defense}", key, w.mcfg, w.world, fit)
 
 
-def _alignment_batch(w: World4, step: int, defense: str) -> dict[str, np.ndarray]:
-    """Study 1's SSFT batch ``step``; Booster also gets harmful rows (its harmful loss) under ``harmful_*``."""
-    batch = study1.method_batch(w.cfg1, w.world, "ssft", step)
-    if defense == "booster":
-        harm = safety_batch(w.world, "unsafe", len(batch["tokens"]), np.random.default_rng([w.cfg.seed, 8, step]),
-                            w.cfg1.world.grammars)
-        batch = {**batch, "harmful_tokens": harm.transform, "harmful_loss_mask": harm.loss_mask}
-    return batch
+def _harmful_batch(w: World4, step: int, size: int) -> dict[str, np.ndarray]:
+    """Booster's harmful batch ``step``: unsafe inputs with their harmful completions (not the calibration rows)."""
+    harm = safety_batch(w.world, "unsafe", size, np.random.default_rng([w.cfg.seed, 8, step]), w.cfg1.world.grammars)
+    return {"tokens": harm.transform, "loss_mask": harm.loss_mask}
 
 
 # ---------------------------------------------------------------------------------------------------- user data
@@ -171,16 +178,10 @@ def user_finetune(w: World4, init: Params, p: float, lr: float, epochs: int, out
     ocfg = OptimConfig(lr=lr, schedule=u.schedule, total_steps=steps, weight_decay=u.weight_decay)
     loss_fn = losses.make_sft_loss(w.mcfg, lora_cfg=lora_cfg)
     grad_fn = None
-    if lisa:
-        try:
-            from safety_jax.train.defenses import make_defense_grad
-        except ImportError:
-            raise ConfigError("defense 'lisa' needs safety_jax.train.defenses.make_defense_grad, which this checkout "
-                              "lacks; drop it from `defense`") from None
-        grad_fn = make_defense_grad("lisa", loss_fn, w.mcfg, total_steps=steps, **u.lisa)
-        align = lambda i: study1.method_batch(w.cfg1, w.world, "ssft", i)  # noqa: E731
-        inner = batches
-        batches = study1.StepBatches(lambda i: {**inner.make(i), **{f"align_{k}": v for k, v in align(i).items()}})
+    if lisa:  # alignment batches (study 1's SSFT data) interleaved with the user's, and the proximal term
+        defenses, grad_fn = _defense_grad("lisa", u.lisa, w.mcfg, steps)
+        align = study1.StepBatches(lambda i: study1.method_batch(w.cfg1, w.world, "ssft", i))
+        batches = defenses.LisaBatches(align, batches, defenses.LisaConfig(**u.lisa))
     trainable, frozen = split_trainable(ocfg, params)
     state, history = train(loss_fn, build_optimizer(ocfg, trainable), trainable, batches,
                            TrainConfig(steps=steps, log_every=max(steps // 10, 1), seed=w.cfg.seed), frozen=frozen,
@@ -197,7 +198,7 @@ def user_stage(w: World4, st: Stages, init: Params, init_key: Any, p: float, lr:
                tag: str, lisa: bool = False) -> tuple[Params, Params | None]:
     """One user fine-tuning as a stage: a full model folder, or (LoRA) the adapters beside the unchanged base."""
     u = w.cfg.user
-    settings = {k: v for k, v in dataclasses.asdict(u).items() if k not in ("p", "lrs", "epochs")}
+    settings = user_settings(w.cfg, lisa)
     key = {"init": init_key, "user": settings, "p": p, "lr": lr, "epochs": epochs, "seed": w.cfg.seed, "lisa": lisa}
     name = f"study4_user_{tag}_{cell_id(p, lr, epochs)}"
     if u.lora is None:
@@ -207,6 +208,12 @@ def user_stage(w: World4, st: Stages, init: Params, init_key: Any, p: float, lr:
                                                     user_finetune(w, init, p, lr, epochs, d, lisa=lisa)[1],
                                                     LoraConfig(**u.lora)))
     return init, load_lora(os.path.join(folder, "lora"))[0]
+
+
+def user_settings(cfg: Study4Config, lisa: bool = False) -> dict[str, Any]:
+    """The user fine-tuning's settings one stage depends on (not the grid axes; Lisa's only for Lisa's stages)."""
+    skip = ("p", "lrs", "epochs") + (() if lisa else ("lisa",))
+    return {k: v for k, v in dataclasses.asdict(cfg.user).items() if k not in skip}
 
 
 def cell_id(p: float, lr: float, epochs: int) -> str:
@@ -294,7 +301,7 @@ def run(cfg: Study4Config, out: str) -> dict[str, Any]:
     cell("aligned", w.base_key, lambda: aligned, defense="aligned", p=None, lr=None, epochs=None)
     starts = {"none": (aligned, w.base_key)}
     for d in (d for d in cfg.defense if d in ALIGNMENT_DEFENSES):
-        starts[d] = (defended_alignment(w, st, pre, pre_key, d), {"aligned": w.base_key, "defense": d})
+        starts[d] = (defended_alignment(w, st, pre, d), {"aligned": w.base_key, "defense": d})
         cell(f"aligned_{d}", starts[d][1], lambda d=d: starts[d][0], defense=f"aligned_{d}", p=None, lr=None,
              epochs=None)
     u = cfg.user
@@ -304,7 +311,7 @@ def run(cfg: Study4Config, out: str) -> dict[str, Any]:
                 grid = {"p": p, "lr": lr, "epochs": epochs}
                 cid = cell_id(p, lr, epochs)
                 base, lora = user_stage(w, st, aligned, w.base_key, p, lr, epochs, "sft")
-                ft_key = {"stage": f"study4_user_sft_{cid}", "aligned": w.base_key, "user": c["user"], **grid}
+                ft_key = {"stage": f"study4_user_sft_{cid}", "aligned": w.base_key, "user": user_settings(cfg), **grid}
                 merged = lambda b=base, lo=lora: merge_lora(b, lo, LoraConfig(**u.lora)) if lo is not None else b  # noqa: E731
                 if "none" in cfg.defense or "antidote" in cfg.defense:
                     cell(f"none_{cid}", ft_key, merged, defense="none", **grid)
