@@ -1,0 +1,151 @@
+"""Study 4 on real checkpoints (Llama-2-7B, Llama-3-8B): the validated config of the reference pipeline.
+
+Alignment: LoRA SFT on safe BeaverTails pairs, merged; the user's fine-tuning: a new LoRA on a mix of harmful
+BeaverTails pairs and a benign task; Antidote on other harmful pairs; evaluation with a moderation judge and the task
+scorer. ``load_real_config("real_llama2")`` reads the YAML next to this file; every error names the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Sequence
+from typing import Any
+
+from experiments.study1_mechanics.config import read_config
+from experiments.study4_antidote.config import DEFENSES, HERE, SCORES, TOKEN_MASKS, _build, _fail, _numbers
+from safety_jax.errors import ConfigError
+
+TASKS = ("sst2", "agnews", "gsm8k", "alpaca")
+
+
+@dataclasses.dataclass(frozen=True)
+class RealAlignment:
+    """LoRA SFT on ``n`` safe (prompt, safe response) pairs of ``data``; merged into the base afterwards."""
+
+    data: str = "beavertails:30k_train"
+    n: int = 5000
+    lora: dict[str, Any] = dataclasses.field(
+        default_factory=lambda: {"rank": 256, "alpha": 4.0, "targets": ["attn.q", "attn.k", "attn.v"]})
+    lr: float = 1e-3
+    schedule: str = "cosine"
+    epochs: int = 20
+    batch_size: int = 5
+    weight_decay: float = 0.1
+
+
+@dataclasses.dataclass(frozen=True)
+class RealUser:
+    """A new LoRA on ``n`` examples, a fraction ``p`` harmful pairs of ``harmful_data`` and the rest ``task``."""
+
+    task: str = "sst2"
+    harmful_data: str = "beavertails:30k_train"
+    n: int = 5000
+    p: list[float] = dataclasses.field(default_factory=lambda: [0.1, 0.2])
+    lrs: list[float] = dataclasses.field(default_factory=lambda: [1e-4, 1e-3])
+    epochs: list[int] = dataclasses.field(default_factory=lambda: [20])
+    batch_size: int = 5
+    schedule: str = "constant"
+    template: str = "alpaca"
+    lora: dict[str, Any] = dataclasses.field(
+        default_factory=lambda: {"rank": 256, "alpha": 4.0, "targets": ["attn.q", "attn.k", "attn.v"]})
+
+
+@dataclasses.dataclass(frozen=True)
+class RealAntidote:
+    ratios: list[float] = dataclasses.field(default_factory=lambda: [0.01, 0.05, 0.1, 0.15, 0.2, 0.25])
+    scores: list[str] = dataclasses.field(default_factory=lambda: ["wanda"])
+    n_calibration: int = 2000
+    target: str = "lora"
+    token_mask: str = "attention_mask"
+
+
+@dataclasses.dataclass(frozen=True)
+class RealEval:
+    harmful_prompts: str = "beavertails:30k_test"
+    n_harmful: int = 1000
+    judge: str = "PKU-Alignment/beaver-dam-7b"
+    max_new_tokens: int = 512
+    n_task: int = 1000
+    batch_size: int = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class RealStudy4Config:
+    name: str = "real"
+    seed: int = 0
+    notes: str = ""
+    model: str = ""
+    defense: list[str] = dataclasses.field(default_factory=lambda: ["none", "antidote"])
+    alignment: RealAlignment = dataclasses.field(default_factory=RealAlignment)
+    user: RealUser = dataclasses.field(default_factory=RealUser)
+    antidote: RealAntidote = dataclasses.field(default_factory=RealAntidote)
+    eval: RealEval = dataclasses.field(default_factory=RealEval)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.defense, str):
+            object.__setattr__(self, "defense", [self.defense])
+        validate_real(self)
+
+
+def _lora(field: str, value: Any) -> None:
+    from safety_jax.model.lora import LoraConfig
+
+    if not isinstance(value, dict):
+        _fail(field, value, "a mapping of LoraConfig fields (rank, alpha, targets, …)")
+    try:
+        LoraConfig(**value)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"config {field}: {e}") from None
+
+
+def _whole(field: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        _fail(field, value, "a whole number ≥ 1")
+
+
+def validate_real(cfg: RealStudy4Config) -> None:
+    if not isinstance(cfg.model, str) or not cfg.model:
+        _fail("model", cfg.model, "a Hugging Face model folder or hub id")
+    if not cfg.defense or any(d not in DEFENSES for d in cfg.defense):
+        _fail("defense", cfg.defense, f"choose from {', '.join(DEFENSES)}")
+    a, u, x, e = cfg.alignment, cfg.user, cfg.antidote, cfg.eval
+    for field, value in (("alignment.n", a.n), ("alignment.epochs", a.epochs), ("alignment.batch_size", a.batch_size),
+                         ("user.n", u.n), ("user.batch_size", u.batch_size), ("antidote.n_calibration",
+                         x.n_calibration), ("eval.n_harmful", e.n_harmful), ("eval.max_new_tokens",
+                         e.max_new_tokens), ("eval.n_task", e.n_task), ("eval.batch_size", e.batch_size)):
+        _whole(field, value)
+    if not a.lr > 0:
+        _fail("alignment.lr", a.lr, "a positive learning rate")
+    _lora("alignment.lora", a.lora)
+    _lora("user.lora", u.lora)
+    if u.task not in TASKS:
+        _fail("user.task", u.task, f"choose from {', '.join(TASKS)}")
+    _numbers("user.p", u.p, lambda v: 0 <= v <= 1, "fractions in [0, 1]")
+    _numbers("user.lrs", u.lrs, lambda v: v > 0, "positive learning rates")
+    _numbers("user.epochs", u.epochs, lambda v: isinstance(v, int) and v >= 1, "whole numbers ≥ 1")
+    _numbers("antidote.ratios", x.ratios, lambda v: 0 < v < 1, "dense ratios α in (0, 1)")
+    if not x.scores or any(s not in SCORES for s in x.scores):
+        _fail("antidote.scores", x.scores, f"a non-empty list from {', '.join(SCORES)}")
+    if x.target not in ("weights", "lora"):
+        _fail("antidote.target", x.target, "'lora' (the user's adapters) or 'weights'")
+    if x.token_mask not in TOKEN_MASKS:
+        _fail("antidote.token_mask", x.token_mask, f"choose from {', '.join(TOKEN_MASKS)}")
+
+
+REAL_SECTIONS = {"alignment": RealAlignment, "user": RealUser, "antidote": RealAntidote, "eval": RealEval}
+
+
+def load_real_config(name_or_path: str, overrides: Sequence[str] = ()) -> RealStudy4Config:
+    path = name_or_path if os.path.exists(name_or_path) else os.path.join(HERE, f"{name_or_path}.yaml")
+    if not os.path.exists(path):
+        raise ConfigError(f"no config {name_or_path!r}: not a file, and not a YAML next to {HERE}")
+    data = read_config(path, overrides)
+    if not isinstance(data, dict):
+        raise ConfigError(f"config {path}: expected a mapping")
+    unknown = sorted(set(data) - {f.name for f in dataclasses.fields(RealStudy4Config)})
+    if unknown:
+        raise ConfigError(f"config top level: unknown key(s) {unknown}; known: "
+                          f"{sorted(f.name for f in dataclasses.fields(RealStudy4Config))}")
+    kwargs = {k: _build(REAL_SECTIONS[k], v, k) if k in REAL_SECTIONS else v for k, v in data.items()}
+    return RealStudy4Config(**kwargs)
