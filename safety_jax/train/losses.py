@@ -201,9 +201,10 @@ def _hidden(params: Params, tokens, attention_mask, positions, config: LlamaConf
 
 def _group_logps(params: Params, tokens, loss_mask, attention_mask, positions, config: LlamaConfig,
                  lora_cfg: LoraConfig | None, remat: bool | str, chunk: int,
-                 dropout_rng: jax.Array | None = None) -> SequenceLogps:
-    """:func:`sequence_logps` of one group through the model (adapters included)."""
-    hidden = _hidden(params, tokens, attention_mask, positions, config, lora_cfg, remat, dropout_rng=dropout_rng)
+                 dropout_rng: jax.Array | None = None, perturb: Mapping[str, jax.Array] | None = None) -> SequenceLogps:
+    """:func:`sequence_logps` of one group through the model (adapters included; ``perturb`` as ``forward``'s)."""
+    hidden = _hidden(params, tokens, attention_mask, positions, config, lora_cfg, remat, dropout_rng=dropout_rng,
+                     perturb=perturb)
     return sequence_logps(split(params)[0], hidden, tokens, loss_mask, config, chunk=chunk)
 
 
@@ -236,10 +237,12 @@ def _missing_ref(key: str) -> ValueError:
 # ---------------------------------------------------------------------------------------------------- SFT and GA / GD
 def _token_nll(params: Params, batch: Batch, prefix: str, config, lora_cfg, remat,
                chunk: int) -> tuple[jax.Array, Metrics]:
-    """Summed completion NLL / normaliser (``{p}loss_normalizer`` or this batch's target-token count)."""
+    """Summed completion NLL / normaliser (``{p}loss_normalizer`` or this batch's target-token count).
+
+    ``{p}perturb`` in the batch (``{site: [L, B, T, D]}``) shifts the group's hidden outputs (Vaccine)."""
     tokens, attn, pos = _group_inputs(batch, prefix)
     out = _group_logps(params, tokens, batch[prefix + "loss_mask"], attn, pos, config, lora_cfg, remat, chunk,
-                       batch.get("dropout_rng"))
+                       batch.get("dropout_rng"), batch.get(prefix + "perturb"))
     count = jnp.sum(out.counts)
     denom = batch.get(prefix + "loss_normalizer", jnp.maximum(count, 1.0))
     return -jnp.sum(out.logps) / denom, {"num_target_tokens": count, "token_accuracy": _ratio(out.hits, out.counts)}

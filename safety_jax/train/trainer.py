@@ -17,6 +17,11 @@ The loop logs metrics to JSONL and TensorBoard event files, shows a progress bar
 orbax checkpoints (trainable params, optimizer state, step, RNG, data position and a fingerprint of the run's config)
 every N steps. A re-run resumes exactly — refusing a checkpoint written under another fingerprint — and never logs a
 step twice.
+
+A gradient function (:class:`GradFn`; ``make_train_step(..., grad_fn=...)``, ``train(..., grad_fn=...)``) replaces
+``jax.value_and_grad(loss)`` inside the same step — accumulation, clipping, masks, sharding and checkpoints unchanged —
+for defenses that change the update rule rather than the loss (Vaccine, Lisa, Booster: ``train.defenses``). What such
+a rule carries from step to step (Lisa's anchor weights) lives in ``TrainState.extra`` and is checkpointed with it.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any
+from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -53,19 +58,43 @@ RESUMABLE_FIELDS = ("steps", "log_every", "eval_every", "save_every", "keep_chec
 
 @struct.dataclass
 class TrainState:
-    """Everything a step changes: step count, trainable params, optimizer state, PRNG key data, and the first step
-    whose loss or gradient was not finite (0 while every step was)."""
+    """Everything a step changes: step count, trainable params, optimizer state, PRNG key data, the first step
+    whose loss or gradient was not finite (0 while every step was), and the gradient function's own state
+    (``extra``: ``None`` unless the :class:`GradFn` keeps one)."""
 
     step: jax.Array
     params: Any
     opt_state: Any
     rng: jax.Array
     nonfinite_step: jax.Array
+    extra: Any = None
 
     @classmethod
-    def create(cls, params: Any, optimizer: optax.GradientTransformation, seed: int = 0) -> TrainState:
+    def create(cls, params: Any, optimizer: optax.GradientTransformation, seed: int = 0,
+               extra: Any = None) -> TrainState:
         return cls(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
-                   rng=jax.random.key_data(jax.random.key(seed)), nonfinite_step=jnp.zeros((), jnp.int32))
+                   rng=jax.random.key_data(jax.random.key(seed)), nonfinite_step=jnp.zeros((), jnp.int32),
+                   extra=extra)
+
+
+class GradFn(Protocol):
+    """How a step turns one micro-batch into gradients, in place of ``jax.value_and_grad(loss, has_aux=True)``.
+
+    ``grad_fn(loss, params, batch, step, extra) -> ((loss_value, metrics), grads)``: ``loss(params, batch) ->
+    (loss_value, metrics)`` is the run's loss bound to its frozen weights and aux, ``params`` the trainable tree,
+    ``batch`` one micro-batch, ``step`` the 0-based number of the step being taken ([] int32) and ``extra`` the
+    rule's state. ``grads`` has the structure and dtypes of ``params``; ``metrics`` holds ``"loss"``.
+
+    Optional methods: ``init_extra(params) -> extra`` (the state a fresh run starts from; arrays must not alias
+    ``params``, which the step donates), ``step_extra(extra, params, step) -> extra`` (called once per step, before
+    the micro-batches) and ``describe() -> dict`` (JSON settings added to the checkpoint fingerprint, so a resume
+    under another rule is refused; empty for the plain gradient). A plain function has none of them: its ``extra``
+    is ``None``.
+    """
+
+    def __call__(self, loss: Callable[[Any, Batch], tuple[jax.Array, dict[str, jax.Array]]], params: Any,
+                 batch: Batch, step: jax.Array, extra: Any) -> tuple[tuple[jax.Array, dict[str, jax.Array]], Any]:
+        ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,27 +157,35 @@ def stack_micro_batches(batch: Batch, grad_accum: int) -> dict[str, Any]:
 
 def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *, state_shardings: Any = None,
                     donate: bool = True, matmul_precision: str | None = None,
-                    activation_sharding: Constrain | None = None) -> Callable:
+                    activation_sharding: Constrain | None = None, grad_fn: GradFn | None = None) -> Callable:
     """``step(state, batch, aux, frozen) -> (state, metrics)``, jitted once per batch shape.
 
     batch: arrays stacked ``[n_micro, micro_batch, ...]``; the loss and gradients are the mean over micro-batches
     (token means normalised over the whole step: ``losses.add_loss_normalizers``). frozen: the weights cut out of
     ``state.params`` (``optim.split_trainable``), or ``None``. ``metrics["grad_norm"]`` is the norm clipping used.
     activation_sharding: the mesh constraint of the model's activations (``parallel.activation_constraint``).
+    grad_fn: the gradient of each micro-batch (:class:`GradFn`; default ``jax.value_and_grad`` of ``loss_fn``).
     """
+    step_extra = getattr(grad_fn, "step_extra", None)
+
     def step(state: TrainState, batch: Batch, aux: Any = None,
              frozen: Any = None) -> tuple[TrainState, dict[str, jax.Array]]:
         n_micro = jax.tree.leaves(batch)[0].shape[0]
         batch = add_loss_normalizers(batch)
         step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
         batch["dropout_rng"] = jax.random.key_data(jax.random.split(step_key, n_micro))
-        grad_fn = jax.value_and_grad(lambda tr, mb: loss_fn(merge_params(tr, frozen), mb, aux), has_aux=True)
+        bound_loss = lambda tr, mb: loss_fn(merge_params(tr, frozen), mb, aux)
+        extra = state.extra if step_extra is None else step_extra(state.extra, state.params, state.step)
+        if grad_fn is None:
+            micro_grad = jax.value_and_grad(bound_loss, has_aux=True)
+        else:
+            micro_grad = lambda tr, mb: grad_fn(bound_loss, tr, mb, state.step, extra)
 
         if n_micro == 1:
-            (_, metrics), grads = grad_fn(state.params, jax.tree.map(lambda x: x[0], batch))
+            (_, metrics), grads = micro_grad(state.params, jax.tree.map(lambda x: x[0], batch))
         else:
             def micro(acc, mb):
-                (_, metrics), grads = grad_fn(state.params, mb)
+                (_, metrics), grads = micro_grad(state.params, mb)
                 return jax.tree.map(lambda a, g: a + g.astype(a.dtype), acc, grads), metrics
 
             zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
@@ -168,7 +205,7 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
         first_bad = jnp.where((state.nonfinite_step == 0) & ~finite, state.step + 1, state.nonfinite_step)
         new_rng = jax.random.key_data(jax.random.split(jax.random.wrap_key_data(state.rng))[0])
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state, rng=new_rng,
-                             nonfinite_step=first_bad), metrics
+                             nonfinite_step=first_bad, extra=extra), metrics
 
     kwargs: dict[str, Any] = {"donate_argnums": (0,) if donate else ()}
     if state_shardings is not None:
@@ -247,8 +284,8 @@ def train(loss_fn: LossFn, optimizer: optax.GradientTransformation, params: Any,
           frozen: Any = None, aux: Any = None, out_dir: str | None = None,
           eval_fn: Callable[[Any, int], Mapping[str, float]] | None = None, mesh: jax.sharding.Mesh | None = None,
           model_config: Any = None, strategy: str = "auto", state: TrainState | None = None,
-          fingerprint: Mapping[str, Any] | None = None,
-          donate_params: bool = False) -> tuple[TrainState, list[dict[str, float]]]:
+          fingerprint: Mapping[str, Any] | None = None, donate_params: bool = False,
+          grad_fn: GradFn | None = None) -> tuple[TrainState, list[dict[str, float]]]:
     """Run ``cfg.steps`` optimizer steps and return the final state and the logged metrics.
 
     params: the trainable tree (``optim.split_trainable``; whole params when nothing is frozen) and ``frozen`` the
@@ -262,6 +299,8 @@ def train(loss_fn: LossFn, optimizer: optax.GradientTransformation, params: Any,
     model_config: the ``LlamaConfig`` (token ids are checked against its vocabulary; shardings need it).
     donate_params: let the first step reuse the memory of ``params`` (they are invalid afterwards) instead of
     training on a copy.
+    grad_fn: a :class:`GradFn` in place of ``jax.value_and_grad(loss_fn)`` (``defenses.make_defense_grad``); its
+    ``init_extra`` starts ``state.extra`` and its ``describe()`` joins the fingerprint under ``"grad_fn"``.
     """
     from safety_jax.train.checkpoint import TrainCheckpointer
 
@@ -270,7 +309,9 @@ def train(loss_fn: LossFn, optimizer: optax.GradientTransformation, params: Any,
     if state is None:
         trainable = params if donate_params else jax.tree.map(jnp.array, params)
         warn_low_precision_masters(trainable)
-        state = TrainState.create(trainable, optimizer, cfg.seed)
+        init_extra = getattr(grad_fn, "init_extra", None)
+        state = TrainState.create(trainable, optimizer, cfg.seed,
+                                  extra=None if init_extra is None else init_extra(trainable))
     state_sh = batch_axes = constraint = None
     if mesh is not None:
         from safety_jax.parallel import activation_constraint, batch_sharding, tree_shardings_for
@@ -285,6 +326,9 @@ def train(loss_fn: LossFn, optimizer: optax.GradientTransformation, params: Any,
         batch_axes = batch_sharding(mesh, strategy, ndim=1).spec[0]
     ckpt = None
     resume_step = None
+    described = grad_fn.describe() if hasattr(grad_fn, "describe") else None
+    if described:
+        fingerprint = {**dict(fingerprint or {}), "grad_fn": described}
     fingerprint = run_fingerprint(cfg, fingerprint)
     if out_dir:
         ckpt = TrainCheckpointer(os.path.join(out_dir, "checkpoints"), save_every=cfg.save_every or cfg.steps,
@@ -300,7 +344,7 @@ def train(loss_fn: LossFn, optimizer: optax.GradientTransformation, params: Any,
             resume_step = int(state.step)
             log.info("resumed from step %d", resume_step)
     step_fn = make_train_step(loss_fn, optimizer, state_shardings=state_sh, matmul_precision=cfg.matmul_precision,
-                              activation_sharding=constraint)
+                              activation_sharding=constraint, grad_fn=grad_fn)
     logger = MetricsLogger(out_dir, resume_step=resume_step)
     history: list[dict[str, float]] = []
     it: Iterator = iter(batches)
