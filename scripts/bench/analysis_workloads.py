@@ -1,9 +1,10 @@
 """Analysis workloads: Wanda/Antidote scoring of every linear layer and the ΔW SVD analysis of every layer.
 
 ``wanda`` (shared/methods/04, 05): ``s_j = Σ_tokens x_j²`` (float32) for the input of every linear module over a
-calibration batch, scores ``|W_ij|·sqrt(s_j)``, and per output row the top α = 0.05 marked (Antidote's mask). JAX: one
-jitted function — a forward with capture of the four linear-input activations (q/k/v share ``attn_in``, o reads
-``attn_hidden``, gate/up share ``mlp_in``, down reads ``mlp_hidden``) and the scoring vmapped over layers. PyTorch:
+calibration batch, scores ``|W_ij|·sqrt(s_j)``, and per output row the top α = 0.05 marked (Antidote's mask). JAX: the
+library's kernel (``defenses.antidote``) in one jitted function — a forward that reduces the four linear inputs (q/k/v
+share ``attn_in``, o reads ``attn_hidden``, gate/up share ``mlp_in``, down reads ``mlp_hidden``) to Σx² inside the
+layer scan, then the per-row top-α masks scored in layer chunks. PyTorch:
 forward hooks on the linear modules (one per shared input, as the JAX side) and ``torch.topk`` per row, layer by
 layer, as the Wanda / Antidote code does.
 
@@ -25,8 +26,9 @@ from common import Work, block, forward_flops
 from context import BenchContext, jax_side, torch_side
 
 from safety_jax.analysis.weights import column_space_overlap, module_matrix
+from safety_jax.defenses.antidote import PruneConfig, calibration_stats, prune_masks
 from safety_jax.model.config import LlamaConfig
-from safety_jax.model.llama import LINEAR_MODULES, Params, forward
+from safety_jax.model.llama import LINEAR_MODULES, Params
 
 ALPHA = 0.05            # Antidote's dense ratio (per-row top fraction)
 SVD_TOP_K = 10
@@ -46,27 +48,16 @@ def top_k_count(n_inputs: int, alpha: float = ALPHA) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------- Wanda, JAX
-def row_top_mask(w: jax.Array, sq_norms: jax.Array, k: int) -> jax.Array:
-    """Antidote mask of one layer: w [out, in] (HF orientation), sq_norms [in] = Σ_tokens x_j² -> bool [out, in]
-    marking each row's k largest Wanda scores |W_ij|·sqrt(s_j)."""
-    scores = jnp.abs(w.astype(jnp.float32)) * jnp.sqrt(sq_norms)[None, :]
-    if k == 0:
-        return jnp.zeros(scores.shape, bool)
-    _, idx = jax.lax.top_k(scores, k)
-    return jnp.zeros(scores.shape, bool).at[jnp.arange(scores.shape[0])[:, None], idx].set(True)
-
-
 def wanda_masks(params: Params, tokens: jax.Array, config: LlamaConfig, alpha: float = ALPHA) -> dict[str, jax.Array]:
-    """Per linear module, the mask [L, out, in] from one captured forward over ``tokens: [B, T]``."""
-    _, cap = forward(params, tokens, config, capture=tuple(HOOKED))
-    # [L, B, T, ...in] -> [L, in]: squared input norms summed over the calibration tokens, in float32
-    sq = {name: jnp.sum(jnp.square(x.astype(jnp.float32)), axis=(1, 2)).reshape(x.shape[0], -1)
-          for name, x in cap.items()}
+    """The library's Antidote masks (``defenses.antidote``: Σx² reduced inside the layer scan, per-row top α of
+    |W|·sqrt(s)) for every linear module over ``tokens: [B, T]``, HF-oriented ``[L, out, in]`` for the comparison."""
+    cfg = PruneConfig(ratio=alpha, modules=tuple(f"{m}@*" for m in LINEAR_MODULES))
+    batch = {"tokens": tokens, "attention_mask": jnp.ones_like(tokens)}
+    masks = prune_masks(params, calibration_stats(params, config, [batch], cfg=cfg), cfg, config)
     out = {}
-    for module in LINEAR_MODULES:
-        w = module_matrix(params, module)
-        out[module] = jax.vmap(functools.partial(row_top_mask, k=top_k_count(w.shape[-1], alpha)))(
-            w, sq[LINEAR_INPUTS[module]])
+    for module, m in masks.items():
+        group, leaf = module.split(".")
+        out[module] = module_matrix({"layers": {group: {leaf: m}}}, module)
     return out
 
 
