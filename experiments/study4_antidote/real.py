@@ -179,7 +179,7 @@ class Models:
 
 def lora_sft(config: LlamaConfig, params: Params, lora_cfg: LoraConfig, examples: list[dict], *, lr: float,
              schedule: str, epochs: int, batch_size: int, weight_decay: float, seed: int, pad_id: int,
-             max_length: int, out_dir: str, key: Any) -> tuple[Params, list[dict]]:
+             max_length: int, out_dir: str, key: Any, remat: str = "none") -> tuple[Params, list[dict]]:
     """A fresh LoRA on the frozen ``params``, ``epochs`` passes over ``examples`` (SFT loss on the response tokens);
     AdamW (0.9, 0.999) as transformers' Trainer, clip 1.0. Checkpoints under ``out_dir`` (a rerun resumes)."""
     batches = BatchIterator(examples, batch_size, default_buckets(max_length), seed=seed, drop_last=False,
@@ -187,9 +187,11 @@ def lora_sft(config: LlamaConfig, params: Params, lora_cfg: LoraConfig, examples
     steps = epochs * batches.steps_per_epoch
     optim = OptimConfig(lr=lr, b2=0.999, schedule=schedule, total_steps=steps, weight_decay=weight_decay)
     trainable, frozen = split_trainable(optim, combine(params, init_lora(config, lora_cfg, jax.random.key(seed + 1))))
-    tcfg = TrainConfig(steps=steps, seed=seed, log_every=max(1, min(10, steps)), progress=sys.stderr.isatty())
-    state, history = train(make_sft_loss(config, lora_cfg=lora_cfg), build_optimizer(optim, trainable), trainable,
-                           batches, tcfg, frozen=frozen, out_dir=out_dir, model_config=config, fingerprint=key)
+    tcfg = TrainConfig(steps=steps, seed=seed, log_every=max(1, min(10, steps)), progress=sys.stderr.isatty(),
+                       remat=remat)
+    loss = make_sft_loss(config, lora_cfg=lora_cfg, remat=remat)
+    state, history = train(loss, build_optimizer(optim, trainable), trainable, batches, tcfg, frozen=frozen,
+                           out_dir=out_dir, model_config=config, fingerprint=key)
     return split(merge_params(state.params, frozen))[1], history
 
 
@@ -245,7 +247,7 @@ def run(cfg: RealStudy4Config, out: str) -> dict[str, Any]:
         lora, history = lora_sft(config, params, lora_cfg, examples(pairs), lr=a.lr, schedule=a.schedule,
                                  epochs=a.epochs, batch_size=a.batch_size, weight_decay=a.weight_decay, seed=cfg.seed,
                                  pad_id=models.pad_id, max_length=cfg.max_length, out_dir=os.path.join(d, "train"),
-                                 key=align_key)
+                                 key=align_key, remat=cfg.remat)
         save_model(os.path.join(d, "model"), config, merge_lora(params, lora, lora_cfg), fmt=cfg.save_format,
                    tokenizer=tok, overwrite=True)
         _write_result(d, {"n": len(pairs), "final_loss": _last_loss(history)})
@@ -282,7 +284,7 @@ def run(cfg: RealStudy4Config, out: str) -> dict[str, Any]:
             lora, history = lora_sft(config, params, lora_cfg, examples(pairs), lr=cell.lr, schedule=u.schedule,
                                      epochs=cell.epochs, batch_size=u.batch_size, weight_decay=u.weight_decay,
                                      seed=cfg.seed, pad_id=models.pad_id, max_length=cfg.max_length,
-                                     out_dir=os.path.join(d, "train"), key=key)
+                                     out_dir=os.path.join(d, "train"), key=key, remat=cfg.remat)
             save_lora(os.path.join(d, "lora"), lora, lora_cfg)
             _write_result(d, {"n": len(pairs), "n_harmful": n_harmful(cfg, cell.p),
                               "final_loss": _last_loss(history)})
@@ -334,7 +336,7 @@ def run(cfg: RealStudy4Config, out: str) -> dict[str, Any]:
     # 4. evaluation
     judge_cache: dict[str, Any] = {}
     eval_sets: dict[str, tuple[str, list[EvalExample]]] = {}
-    task_spec = e.task_data or TASK_TEST.get(u.task)
+    task_spec = (e.task_data or TASK_TEST[u.task]) if u.task in TASK_TEST else None  # alpaca: no scorer
     eval_key = {"eval": {**c["eval"], "task_data": task_spec}, "task": u.task, "template": u.template}
 
     def sets() -> dict[str, tuple[str, list[EvalExample]]]:

@@ -109,6 +109,7 @@ class RealStudy4Config:
     dtype: str = "bfloat16"
     max_length: int = 512
     save_format: str = "hf"
+    remat: str = "none"  # layer rematerialisation while training: none, dots_saveable, full
     defense: list[str] = dataclasses.field(default_factory=lambda: ["none", "antidote"])
     alignment: RealAlignment = dataclasses.field(default_factory=RealAlignment)
     user: RealUser = dataclasses.field(default_factory=RealUser)
@@ -148,6 +149,10 @@ def validate_real(cfg: RealStudy4Config) -> None:
         _fail("tokenizer", cfg.tokenizer, "a tokenizer folder, or null for the model folder")
     if cfg.dtype not in REAL_DTYPES:
         _fail("dtype", cfg.dtype, f"choose from {', '.join(REAL_DTYPES)}")
+    from safety_jax.model.llama import REMAT_POLICIES
+
+    if cfg.remat not in REMAT_POLICIES:
+        _fail("remat", cfg.remat, f"choose from {', '.join(REMAT_POLICIES)}")
     if cfg.save_format not in ("hf", "orbax"):
         _fail("save_format", cfg.save_format, "hf or orbax")
     if isinstance(cfg.max_length, bool) or not isinstance(cfg.max_length, int) or cfg.max_length < 2:
