@@ -28,6 +28,7 @@ from safety_jax.model.lora import LoraConfig, init_lora
 CONFIG = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
                      num_key_value_heads=2, max_position_embeddings=64)
 ALL = tuple(f"{m}@*" for m in MODULE_INPUTS)
+pytestmark = pytest.mark.usefixtures("fast_compiles")
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +104,7 @@ def test_streamed_statistics_equal_one_pass_over_the_concatenation(model):
     joined = {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
     once = calibration_stats(params, CONFIG, [joined], cfg=cfg)
     for k in once:
-        np.testing.assert_allclose(np.asarray(streamed[k]), np.asarray(once[k]), rtol=1e-6)
+        np.testing.assert_allclose(np.asarray(streamed[k]), np.asarray(once[k]), rtol=1e-5)  # fp32 sums, other order
     assert float(streamed["tokens"]) == sum(b["attention_mask"].sum() for b in batches)
     m1, m2 = prune_masks(params, streamed, cfg, CONFIG), prune_masks(params, once, cfg, CONFIG)
     assert all(np.array_equal(m1[k], m2[k]) for k in m1)
