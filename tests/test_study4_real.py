@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -186,3 +187,13 @@ def test_missing_model_folder_is_reported_naming_the_field(tmp_path):
     cfg = load_real_config("real_llama2", [f"model={tmp_path / 'missing'}"])
     with pytest.raises(FileNotFoundError, match="model="):
         run(cfg, str(tmp_path / "out"))
+
+
+def test_a_new_alpha_runs_only_its_own_stages(real_run, folders, tmp_path):
+    _, out, _ = real_run
+    copy = str(tmp_path / "out")
+    shutil.copytree(out, copy)
+    cfg = load_real_config("real_llama2", [*tiny_overrides(folders), "antidote.ratios=[0.25, 0.75]"])
+    metrics = run(cfg, copy)
+    assert sorted(metrics["ran_stages"]) == [f"antidote_{CELL}_wanda_a0.75", f"eval_antidote_{CELL}_wanda_a0.75"]
+    assert [r.get("ratio") for r in metrics["rows"]] == [None, None, 0.25, 0.75]
