@@ -16,7 +16,8 @@ def table_rows(metrics: Mapping[str, Any]) -> list[dict[str, Any]]:
     """One row per evaluated model: rates in % with Wilson 95 % intervals."""
     out = []
     for r in metrics["rows"]:
-        row = {k: ("" if r.get(k) is None else r.get(k)) for k in ("defense", "score", "ratio", "p", "lr", "epochs")}
+        row = {k: ("" if r.get(k) is None else r.get(k)) for k in ("defense", "score", "epochs")}
+        row.update({k: "" if r.get(k) is None else f"{r[k]:g}" for k in ("ratio", "p", "lr")})  # 1e-4, not 0.000
         for m in ("harmful", "task"):
             k, n = r[f"{m}_k"], r[f"{m}_n"]
             lo, hi = wilson(k, n)
