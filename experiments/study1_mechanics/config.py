@@ -267,21 +267,22 @@ def set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     tree[parts[-1]] = value
 
 
-def config_path(name_or_path: str) -> str:
-    """``demo`` / ``quick`` / ``reference`` -> the YAML next to this file; anything else is a path."""
+def config_path(name_or_path: str, folder: str = HERE) -> str:
+    """A shipped config name (``demo`` / ``quick`` / …: the YAML of that name in ``folder``, by default this study's)
+    or a path."""
     if os.path.exists(name_or_path):
         return name_or_path
-    path = os.path.join(HERE, f"{name_or_path}.yaml")
+    path = os.path.join(folder, f"{name_or_path}.yaml")
     if not os.path.exists(path):
-        known = sorted(f[:-5] for f in os.listdir(HERE) if f.endswith(".yaml"))
-        raise FileNotFoundError(f"no config {name_or_path!r}: not a file, and not one of {known}")
+        known = sorted(f[:-5] for f in os.listdir(folder) if f.endswith(".yaml"))
+        raise ConfigError(f"no config {name_or_path!r}: not a file, and not one of {known}")
     return path
 
 
-def read_config(name_or_path: str, overrides: Sequence[str] = ()) -> dict[str, Any]:
-    """A YAML config (a shipped name or a path) as a dict, with ``key.sub=value`` overrides (values parsed as
-    YAML) applied."""
-    with open(config_path(name_or_path)) as f:
+def read_config(name_or_path: str, overrides: Sequence[str] = (), folder: str = HERE) -> dict[str, Any]:
+    """A YAML config (a shipped name in ``folder`` or a path) as a dict, with ``key.sub=value`` overrides (values
+    parsed as YAML) applied."""
+    with open(config_path(name_or_path, folder)) as f:
         data = yaml.load(f, Loader=YamlLoader) or {}
     for item in overrides:
         key, eq, raw = item.partition("=")

@@ -17,7 +17,6 @@ runs; once its stages are done only the weights ΔW reads are kept, so the two m
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import logging
 import os
@@ -34,6 +33,7 @@ import jax
 import numpy as np
 import yaml
 
+from experiments.cli import run_study, study_parser
 from experiments.study1_mechanics.claims import ALPHA, Claim, delta_w_module_test, p_text, undecided
 from experiments.study1_mechanics.real_config import FEATURES, CheckpointSpec, RealStudyConfig, load_real_config
 from safety_jax.analysis.activations import collect_activations
@@ -484,15 +484,9 @@ def run(cfg: RealStudyConfig, out: str) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="real_llama3", help="real_llama2 | real_llama3 | path/to/config.yaml")
-    parser.add_argument("--out", required=True, help="output folder (re-use it to skip finished stages)")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. batch_size=16 base.path=/data/m")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    logging.getLogger("absl").setLevel(logging.WARNING)
-    metrics = run(load_real_config(args.config, args.overrides), args.out)
-    print(f"report: {os.path.join(args.out, 'report.md')} ({metrics['timing']['total_this_invocation']:.0f} s)")
+    args = study_parser(__doc__, default="real_llama3", configs="real_llama2 | real_llama3",
+                        example="batch_size=16 base.path=/data/m").parse_args(argv)
+    run_study(args, load_real_config, run)
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ import numpy as np
 import yaml
 from tqdm.auto import tqdm
 
+from experiments.cli import run_study, study_parser
 from experiments.study1_mechanics import claims, summary
 from experiments.study1_mechanics.config import StudyConfig, load_config
 from safety_jax.analysis.weights import delta_weight_analysis, interpolate_params, module_matrix
@@ -384,17 +385,11 @@ def parse_seeds(text: str) -> list[int]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="demo", help="demo | quick | reference | path/to/config.yaml")
-    parser.add_argument("--out", required=True, help="output folder (re-use it to skip finished stages)")
+    parser = study_parser(__doc__, default="demo", configs="demo | quick | reference", example="pretrain.steps=500")
     parser.add_argument("--seeds", type=parse_seeds, default=None,
                         help="fine-tuning data orders, e.g. 0,1,2: every figure as mean ± spread (default: seed)")
-    parser.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. pretrain.steps=500")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    logging.getLogger("absl").setLevel(logging.WARNING)
-    metrics = run(load_config(args.config, args.overrides), args.out, seeds=args.seeds)
-    print(f"report: {os.path.join(args.out, 'report.md')} ({metrics['timing']['total_this_invocation']:.0f} s)")
+    run_study(args, load_config, run, seeds=args.seeds)
 
 
 if __name__ == "__main__":

@@ -190,17 +190,6 @@ def _build(cls: type, data: Any, where: str) -> Any:
     return cls(**kwargs)
 
 
-def config_path(name_or_path: str) -> str:
-    """``quick`` / ``demo`` -> the YAML next to this file; anything else is a path."""
-    if os.path.exists(name_or_path):
-        return name_or_path
-    path = os.path.join(HERE, f"{name_or_path}.yaml")
-    if not os.path.exists(path):
-        known = sorted(f[:-5] for f in os.listdir(HERE) if f.endswith(".yaml"))
-        raise ConfigError(f"no config {name_or_path!r}: not a file, and not one of {known}")
-    return path
-
-
 def load_config(name_or_path: str, overrides: Sequence[str] = ()) -> Study4Config:
     """Read a YAML config (a shipped name or a path) and apply ``key.sub=value`` overrides."""
-    return _build(Study4Config, study1_config.read_config(config_path(name_or_path), overrides), "")
+    return _build(Study4Config, study1_config.read_config(name_or_path, overrides, HERE), "")

@@ -24,7 +24,6 @@ changed is recomputed, and models are loaded only when a stage that needs them r
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
@@ -42,6 +41,7 @@ import jax
 import numpy as np
 import yaml
 
+from experiments.cli import run_study, study_parser
 from experiments.study4_antidote.real_config import RealStudy4Config, load_real_config
 from safety_jax.data.batches import BatchIterator, default_buckets
 from safety_jax.data.benchmarks import GSM8K_ANSWER_PROMPT, EvalExample, load_benchmark
@@ -467,15 +467,9 @@ def write_report(out: str, cfg: RealStudy4Config, metrics: dict[str, Any]) -> No
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="real_llama2", help="real_llama2 | real_llama3 | path/to/config.yaml")
-    parser.add_argument("--out", required=True, help="output folder (re-use it to skip finished stages)")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. model=/data/llama user.n=1000")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    logging.getLogger("absl").setLevel(logging.WARNING)
-    metrics = run(load_real_config(args.config, args.overrides), args.out)
-    print(f"report: {os.path.join(args.out, 'report.md')} ({metrics['timing']['total_this_invocation']:.0f} s)")
+    args = study_parser(__doc__, default="real_llama2", configs="real_llama2 | real_llama3",
+                        example="model=/data/llama user.n=1000").parse_args(argv)
+    run_study(args, load_real_config, run)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ scores (``sst2:validation``, ``agnews:test``, ``gsm8k:test``); ``alpaca`` has no
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -204,12 +203,9 @@ REAL_SECTIONS = {"alignment": RealAlignment, "user": RealUser, "antidote": RealA
 
 
 def load_real_config(name_or_path: str, overrides: Sequence[str] = ()) -> RealStudy4Config:
-    path = name_or_path if os.path.exists(name_or_path) else os.path.join(HERE, f"{name_or_path}.yaml")
-    if not os.path.exists(path):
-        raise ConfigError(f"no config {name_or_path!r}: not a file, and not a YAML next to {HERE}")
-    data = read_config(path, overrides)
+    data = read_config(name_or_path, overrides, HERE)
     if not isinstance(data, dict):
-        raise ConfigError(f"config {path}: expected a mapping")
+        raise ConfigError(f"config {name_or_path}: expected a mapping")
     unknown = sorted(set(data) - {f.name for f in dataclasses.fields(RealStudy4Config)})
     if unknown:
         raise ConfigError(f"config top level: unknown key(s) {unknown}; known: "

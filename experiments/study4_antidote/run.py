@@ -13,7 +13,6 @@ results.md, PNG plots). Every model and evaluation is a stage (``OUT/study4_*``)
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import logging
 import os
@@ -28,6 +27,7 @@ import jax
 import numpy as np
 import yaml
 
+from experiments.cli import run_study, study_parser
 from experiments.study1_mechanics import run as study1
 from experiments.study1_mechanics.config import StudyConfig
 from experiments.study4_antidote import claims, report
@@ -345,16 +345,8 @@ def run(cfg: Study4Config, out: str) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="demo", help="quick | demo | path/to/config.yaml")
-    parser.add_argument("--out", required=True, help="output folder (study 1's; re-use it to skip finished stages)")
-    parser.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. user.lrs=[1e-3]")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    logging.getLogger("absl").setLevel(logging.WARNING)
-    metrics = run(load_config(args.config, args.overrides), args.out)
-    print(f"report: {os.path.join(args.out, STUDY, 'report.md')} "
-          f"({metrics['timing']['total_this_invocation']:.0f} s)")
+    args = study_parser(__doc__, default="demo", configs="quick | demo", example="user.lrs=[1e-3]").parse_args(argv)
+    run_study(args, load_config, run, os.path.join(STUDY, "report.md"))
 
 
 if __name__ == "__main__":
