@@ -33,8 +33,12 @@ def test_quick_run_writes_table_plots_claims_and_metrics(quick):
         assert c["verdict"] in report and c["statement"] in report
     cfg = load_config("quick")
     n_cells = len(cfg.user.p) * len(cfg.user.lrs) * len(cfg.user.epochs)
-    per_cell = 1 + len(cfg.antidote.ratios) * len(cfg.antidote.scores)
-    assert len(metrics["rows"]) == 1 + n_cells * per_cell  # + the aligned model
+    others = [d for d in cfg.defense if d not in ("none", "antidote")]
+    assert set(others) == {"vaccine", "lisa", "booster"}  # quick wires every defense through the pipeline
+    per_cell = 1 + len(cfg.antidote.ratios) * len(cfg.antidote.scores) + len(others)
+    realigned = [f"aligned_{d}" for d in others if d in study4.ALIGNMENT_DEFENSES]  # Vaccine's / Booster's
+    assert len(metrics["rows"]) == 1 + len(realigned) + n_cells * per_cell
+    assert {r["defense"] for r in metrics["rows"]} == {"aligned", "none", "antidote", *others, *realigned}
 
 
 def test_harmful_scores_match_a_recount_of_the_verdicts(quick):

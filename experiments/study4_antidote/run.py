@@ -41,7 +41,7 @@ from safety_jax.model.config import LlamaConfig, get_preset
 from safety_jax.model.llama import Params
 from safety_jax.model.lora import LoraConfig, combine, init_lora, load_lora, merge_lora, save_lora, split
 from safety_jax.stages import Stages
-from safety_jax.train import losses
+from safety_jax.train import defenses, losses
 from safety_jax.train.optim import OptimConfig, build_optimizer, merge_params, split_trainable
 from safety_jax.train.trainer import TrainConfig, train
 
@@ -97,15 +97,10 @@ def study1_aligned(cfg1: StudyConfig, st: Stages, world: World, mcfg: LlamaConfi
 def _defense_grad(name: str, args: dict[str, Any], mcfg: LlamaConfig, steps: int) -> Any:
     """``train.defenses.make_defense_grad`` for ``name`` with its config from ``args`` (the YAML's fields)."""
     try:
-        from safety_jax.train import defenses
-    except ImportError:
-        raise ConfigError(f"defense {name!r} needs safety_jax.train.defenses, which this checkout lacks; drop it "
-                          "from `defense`") from None
-    try:
         cfg = defenses.CONFIGS[name](**args)
     except TypeError as e:
         raise ConfigError(f"config {name} settings {args!r}: {e}") from None
-    return defenses, defenses.make_defense_grad(name, cfg, model_config=mcfg, total_steps=steps)
+    return defenses.make_defense_grad(name, cfg, model_config=mcfg, total_steps=steps)
 
 
 def defended_alignment(w: World4, st: Stages, pre: Params, defense: str) -> Params:
@@ -121,7 +116,7 @@ def defended_alignment(w: World4, st: Stages, pre: Params, defense: str) -> Para
     key = {"aligned": w.base_key, "defense": defense, "args": args, "seed": w.cfg.seed}
 
     def fit(d: str) -> Params:
-        defenses, grad_fn = _defense_grad(defense, args, w.mcfg, steps)
+        grad_fn = _defense_grad(defense, args, w.mcfg, steps)
         ocfg = OptimConfig(lr=lr, schedule=f.schedule, warmup_steps=f.warmup_steps, total_steps=f.decay_steps or steps,
                            min_lr_ratio=0.01 if f.min_lr is None else min(f.min_lr / lr, 1.0),
                            weight_decay=f.weight_decay)
@@ -179,7 +174,7 @@ def user_finetune(w: World4, init: Params, p: float, lr: float, epochs: int, out
     loss_fn = losses.make_sft_loss(w.mcfg, lora_cfg=lora_cfg)
     grad_fn = None
     if lisa:  # alignment batches (study 1's SSFT data) interleaved with the user's, and the proximal term
-        defenses, grad_fn = _defense_grad("lisa", u.lisa, w.mcfg, steps)
+        grad_fn = _defense_grad("lisa", u.lisa, w.mcfg, steps)
         align = study1.StepBatches(lambda i: study1.method_batch(w.cfg1, w.world, "ssft", i))
         batches = defenses.LisaBatches(align, batches, defenses.LisaConfig(**u.lisa))
     trainable, frozen = split_trainable(ocfg, params)
