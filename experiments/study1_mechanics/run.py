@@ -22,7 +22,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 if __package__ in (None, ""):  # run as a script: make the repository root importable
@@ -47,6 +47,7 @@ from safety_jax.data.synthetic_sets import (
     pretrain_batch,
     safety_batch,
 )
+from safety_jax.errors import ConfigError
 from safety_jax.eval import synthetic_world
 from safety_jax.model.config import LlamaConfig, get_preset
 from safety_jax.model.llama import LINEAR_MODULES, Params, init_params
@@ -293,6 +294,82 @@ def _start_order(cfg: StudyConfig, runs: dict[str, Any]) -> list[str]:
     return order
 
 
+def world_and_model(cfg: StudyConfig) -> tuple[World, LlamaConfig]:
+    """The config's synthetic world and model config."""
+    world_overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.world.overrides.items()}
+    return (build_world(get_world_config(cfg.world.preset, **world_overrides)),
+            get_preset(cfg.model.preset, **cfg.model.overrides))
+
+
+def pretrained(cfg: StudyConfig, st: Stages, world: World, mcfg: LlamaConfig) -> tuple[Params, dict[str, Any]]:
+    """The ``pretrain`` stage (computed, or found done in ``st.out``): (params, its stage key)."""
+    c = dataclasses.asdict(cfg)
+    pre_key = {k: c[k] for k in ("seed", "world", "model", "pretrain")}
+    return st.model("pretrain", pre_key, mcfg, world, lambda d: pretrain(cfg, world, mcfg, d)), pre_key
+
+
+def finetune_keys(cfg: StudyConfig, pre_key: dict[str, Any], data_seed: int) -> dict[str, dict[str, Any]]:
+    """Every fine-tuning run's stage key, in start order. Changing one method's settings changes that method's key
+    alone (and the keys of the runs that start from it: a run's key holds its start model's key)."""
+    runs, keys = finetune_runs(cfg), {}
+    for name in _start_order(cfg, runs):
+        method, lr = runs[name]
+        parent = start_run(cfg, name)
+        keys[name] = {**pre_key, "finetune": cfg.finetune.key_for(method), "lr": lr, "data_seed": data_seed,
+                      "steps": cfg.finetune.steps_at(method, name.split("@", 1)[1]),
+                      **({"start": keys[parent]} if parent else {})}
+    return keys
+
+
+def tuned_models(cfg: StudyConfig, st: Stages, world: World, mcfg: LlamaConfig, pre: Params,
+                 keys: dict[str, dict[str, Any]], *, data_seed: int, runs: Sequence[str] | None = None
+                 ) -> dict[str, Params]:
+    """The ``finetune_<run>`` stages (``.seed<k>`` for a data seed other than the config's) of ``runs`` (default
+    all, in the config's order) and of the runs they start from; returns the requested runs' params."""
+    all_runs = finetune_runs(cfg)
+    wanted = list(all_runs) if runs is None else list(runs)
+    if unknown := [r for r in wanted if r not in all_runs]:
+        raise ConfigError(f"study 1 runs {unknown}: the config runs {sorted(all_runs)}")
+    needed: set[str] = set()
+    for name in wanted:
+        while name is not None and name not in needed:
+            needed.add(name)
+            name = start_run(cfg, name)
+    tag = "" if data_seed == cfg.seed else f".seed{data_seed}"
+    tuned: dict[str, Params] = {}
+    for name in (n for n in _start_order(cfg, all_runs) if n in needed):
+        method, lr = all_runs[name]
+        init = tuned[parent] if (parent := start_run(cfg, name)) else pre
+        tuned[name] = st.model(f"finetune_{name}{tag}", keys[name], mcfg, world,
+                               lambda d, m=method, lr=lr, init=init, n=name: finetune(
+                                   cfg, world, mcfg, init, m, lr, d, data_seed,
+                                   cfg.finetune.steps_at(m, n.split("@", 1)[1])))
+    return {name: tuned[name] for name in wanted}
+
+
+@dataclasses.dataclass
+class Study1Models:
+    """Study 1's models as stages of one output folder (what later studies start from)."""
+
+    world: World
+    mcfg: LlamaConfig
+    pre: Params
+    pre_key: dict[str, Any]
+    tuned: dict[str, Params]  # run name ("ssft@eta_M") -> params
+    keys: dict[str, dict[str, Any]]  # run name -> its stage key (what a later stage built on it depends on)
+
+
+def study1_models(cfg: StudyConfig, st: Stages, runs: Sequence[str] | None = None) -> Study1Models:
+    """Study 1's pretrained model and fine-tuning runs ``runs`` (default all) at the config's seed, through ``st``
+    with the names and keys study 1's runner gives them: a study 1 run in the same folder finds them done, and vice
+    versa. Later studies start from these, never from copies."""
+    world, mcfg = world_and_model(cfg)
+    pre, pre_key = pretrained(cfg, st, world, mcfg)
+    keys = finetune_keys(cfg, pre_key, cfg.seed)
+    tuned = tuned_models(cfg, st, world, mcfg, pre, keys, data_seed=cfg.seed, runs=runs)
+    return Study1Models(world, mcfg, pre, pre_key, tuned, keys)
+
+
 def run(cfg: StudyConfig, out: str, seeds: list[int] | None = None) -> dict[str, Any]:
     """Every stage of the study into ``out``; returns the metrics written to ``metrics.json``.
 
@@ -305,14 +382,10 @@ def run(cfg: StudyConfig, out: str, seeds: list[int] | None = None) -> dict[str,
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "config.yaml"), "w") as f:  # the resolved config
         yaml.safe_dump(dataclasses.asdict(cfg), f, sort_keys=False)
-    world_overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.world.overrides.items()}
-    world = build_world(get_world_config(cfg.world.preset, **world_overrides))
-    mcfg = get_preset(cfg.model.preset, **cfg.model.overrides)
+    world, mcfg = world_and_model(cfg)
     sets = make_test_sets(world, cfg.world.n_test, np.random.default_rng([cfg.seed, 2]), cfg.world.grammars)
     st = Stages(out)
-    c = dataclasses.asdict(cfg)
-    pre_key = {k: c[k] for k in ("seed", "world", "model", "pretrain")}
-    pre = st.model("pretrain", pre_key, mcfg, world, lambda d: pretrain(cfg, world, mcfg, d))
+    pre, pre_key = pretrained(cfg, st, world, mcfg)
     per_seed = {s: seed_metrics(cfg, st, world, mcfg, sets, pre, pre_key, s) for s in seeds}
     metrics = dict(per_seed[seeds[0]])
     if len(seeds) > 1:
@@ -331,26 +404,10 @@ def seed_metrics(cfg: StudyConfig, st: Stages, world: World, mcfg: LlamaConfig, 
     # Changing one method's settings recomputes that method alone; the evaluation and analyses depend on every
     # model's stage key, so they follow any model that was recomputed.
     # A method that starts from another method's model depends on that model's key too.
-    runs = finetune_runs(cfg)
-    ft_keys: dict[str, Any] = {}
-    for name in _start_order(cfg, runs):
-        method, lr = runs[name]
-        parent = start_run(cfg, name)
-        ft_keys[name] = {**pre_key, "finetune": cfg.finetune.key_for(method), "lr": lr, "data_seed": data_seed,
-                         "steps": cfg.finetune.steps_at(method, name.split("@", 1)[1]),
-                         **({"start": ft_keys[parent]} if parent else {})}
+    ft_keys = finetune_keys(cfg, pre_key, data_seed)
     eval_key = {**{k: v for k, v in c.items() if k not in ("name", "notes", "analysis")}, "models": ft_keys}
     analysis_key = {**eval_key, "analysis": c["analysis"]}
-
-    tuned: dict[str, Params] = {}
-    for name in _start_order(cfg, runs):
-        method, lr = runs[name]
-        init = tuned[parent] if (parent := start_run(cfg, name)) else pre
-        tuned[name] = st.model(f"finetune_{name}{tag}", ft_keys[name], mcfg, world,
-                               lambda d, m=method, lr=lr, init=init, n=name: finetune(
-                                   cfg, world, mcfg, init, m, lr, d, data_seed,
-                                   cfg.finetune.steps_at(m, n.split("@", 1)[1])))
-    tuned = {name: tuned[name] for name in runs}  # the config's order
+    tuned = tuned_models(cfg, st, world, mcfg, pre, ft_keys, data_seed=data_seed)
     models = {"pretrained": pre, **tuned}
 
     metrics: dict[str, Any] = {

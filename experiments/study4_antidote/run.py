@@ -32,12 +32,12 @@ from experiments.study1_mechanics import run as study1
 from experiments.study1_mechanics.config import StudyConfig
 from experiments.study4_antidote import claims, report
 from experiments.study4_antidote.config import Study4Config, load_config
-from safety_jax.data.synthetic import World, build_world, get_world_config
+from safety_jax.data.synthetic import World
 from safety_jax.data.synthetic_sets import CORRECT, HARMFUL, SyntheticBatch, concat_batches, safety_batch
 from safety_jax.defenses.antidote import PruneConfig, apply_masks, calibration_stats, prune_masks
 from safety_jax.errors import ConfigError
 from safety_jax.eval import synthetic_world
-from safety_jax.model.config import LlamaConfig, get_preset
+from safety_jax.model.config import LlamaConfig
 from safety_jax.model.llama import Params
 from safety_jax.model.lora import LoraConfig, combine, init_lora, load_lora, merge_lora, save_lora, split
 from safety_jax.stages import Stages
@@ -61,37 +61,6 @@ class World4:
     test: dict[str, SyntheticBatch]
     calibration: SyntheticBatch
     base_key: dict[str, Any]  # study 1's key of the aligned model (its fine-tuning stage's dependencies)
-
-
-# ---------------------------------------------------------------------------------------------------- study 1 models
-def study1_aligned(cfg1: StudyConfig, st: Stages, world: World, mcfg: LlamaConfig, run: str
-                   ) -> tuple[Params, Params, dict[str, Any], dict[str, Any]]:
-    """Study 1's pretrained model and its fine-tuning run ``run``, through ``st`` with the stage names and keys
-    study 1's runner gives them (``study1.run`` / ``seed_metrics`` at the config's seed), so a study 1 run in the
-    same folder finds them done and vice versa. Returns (pretrained, aligned, pretrain key, aligned key)."""
-    runs = study1.finetune_runs(cfg1)
-    if run not in runs:
-        raise ConfigError(f"config alignment.run={run!r}: study 1's config runs {sorted(runs)}")
-    c = dataclasses.asdict(cfg1)
-    pre_key = {k: c[k] for k in ("seed", "world", "model", "pretrain")}
-    pre = st.model("pretrain", pre_key, mcfg, world, lambda d: study1.pretrain(cfg1, world, mcfg, d))
-    chain, name = [], run
-    while name is not None:
-        chain.insert(0, name)
-        name = study1.start_run(cfg1, name)
-    keys: dict[str, Any] = {}
-    params, parent = pre, None
-    for name in chain:
-        method, lr = runs[name]
-        steps = cfg1.finetune.steps_at(method, name.split("@", 1)[1])
-        keys[name] = {**pre_key, "finetune": cfg1.finetune.key_for(method), "lr": lr, "data_seed": cfg1.seed,
-                      "steps": steps, **({"start": keys[parent]} if parent else {})}
-        init = params
-        params = st.model(f"finetune_{name}", keys[name], mcfg, world,
-                          lambda d, m=method, lr=lr, init=init, s=steps: study1.finetune(
-                              cfg1, world, mcfg, init, m, lr, d, cfg1.seed, s))
-        parent = name
-    return pre, params, pre_key, keys[run]
 
 
 def _defense_grad(name: str, args: dict[str, Any], mcfg: LlamaConfig, steps: int) -> Any:
@@ -263,10 +232,9 @@ def evaluate(w: World4, params: Params) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------------- main
 def setup(cfg: Study4Config, st: Stages) -> tuple[World4, Params, Params, dict[str, Any]]:
     cfg1 = cfg.study1_config()
-    world_overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in cfg1.world.overrides.items()}
-    world = build_world(get_world_config(cfg1.world.preset, **world_overrides))
-    mcfg = get_preset(cfg1.model.preset, **cfg1.model.overrides)
-    pre, aligned, pre_key, base_key = study1_aligned(cfg1, st, world, mcfg, cfg.alignment.run)
+    s1 = study1.study1_models(cfg1, st, [cfg.alignment.run])
+    world, mcfg, pre, pre_key = s1.world, s1.mcfg, s1.pre, s1.pre_key
+    aligned, base_key = s1.tuned[cfg.alignment.run], s1.keys[cfg.alignment.run]
     g, n = cfg1.world.grammars, cfg.eval.n_test
     test = {kind: safety_batch(world, kind, n, np.random.default_rng([cfg.seed, 4, i]), g)
             for i, kind in enumerate(("safe", "unsafe"))}
