@@ -201,3 +201,38 @@ def test_bf16_compute_is_close_to_fp32():
     low = forward(params, tokens, config.replace(compute_dtype="bfloat16"))
     assert low.dtype == jnp.float32
     assert float(jnp.abs(low - ref).max()) < 0.05 * float(jnp.abs(ref).max())
+
+
+@pytest.mark.parametrize("loop,unroll", [("unrolled", 1), ("scan", 2), ("scan", 3)])
+def test_layer_loop_modes_give_identical_logits_captures_and_gradients(loop, unroll):
+    """The unrolled layer loop and a scan with unroll factors compute exactly what the plain scan computes."""
+    base = get_preset("tiny", num_hidden_layers=3)
+    params = init_params(base, jax.random.key(0))
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, base.vocab_size, (2, 9)))
+    iv = make_intervention("add", jnp.ones(base.hidden_size) / base.hidden_size ** 0.5, base.num_hidden_layers,
+                           site="resid_post", coeff=0.5, layers=[1])
+
+    def run(cfg):
+        def loss(p):
+            logits, caps = forward(p, tokens, cfg, capture=("resid_post", "mlp_out"), interventions=[iv])
+            caps = dict(caps)
+            return jnp.mean(logits ** 2), (logits, caps)
+        (val, (logits, caps)), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+        return val, logits, caps, grads
+
+    ref = run(base)
+    got = run(base.replace(layer_loop=loop, scan_unroll=unroll))
+    for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(got)):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-6, atol=1e-7)
+    with pytest.raises(ConfigError, match="layer_loop"):
+        base.replace(layer_loop="python")
+
+
+def test_unrolled_layer_loop_generates_what_the_scan_generates():
+    base = get_preset("tiny", num_hidden_layers=3)
+    params = init_params(base, jax.random.key(1))
+    prompts = np.random.default_rng(1).integers(3, base.vocab_size, (2, 6))
+    ref = generate(params, base, prompts, max_new_tokens=5)
+    got = generate(params, base.replace(layer_loop="unrolled"), prompts, max_new_tokens=5)
+    for a, b in zip(ref, got):
+        np.testing.assert_array_equal(np.asarray(b), np.asarray(a))

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from safety_jax.errors import ConfigError
 from safety_jax.model.attention import ATTENTION_IMPLS
 
+LAYER_LOOPS = ("auto", "scan", "unrolled")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -57,6 +58,13 @@ class LlamaConfig:
     param_dtype: str = "float32"
     compute_dtype: str = "float32"
     attention_impl: str = "xla"  # safety_jax.model.attention.ATTENTION_IMPLS; a runtime choice, not saved to HF
+    # How the decoder layers run (runtime choices, not saved to HF; identical numbers): "scan" = one ``lax.scan``
+    # over the stacked layer axis (compile time independent of depth; ``scan_unroll`` layers per iteration),
+    # "unrolled" = a Python loop over static layer slices (one program per layer: longer compiles, but XLA:CPU
+    # compiles the backward of a flat program well — see scripts/bench/README.md), "auto" = "unrolled" on CPU,
+    # "scan" elsewhere.
+    layer_loop: str = "scan"
+    scan_unroll: int = 1
 
     def __post_init__(self) -> None:
         if self.head_dim is None:
@@ -88,6 +96,10 @@ class LlamaConfig:
                 raise ConfigError(f"LlamaConfig.{name}={getattr(self, name)!r}; choose one of {sorted(DTYPES)}")
         if self.attention_impl not in ATTENTION_IMPLS:
             raise ConfigError(f"LlamaConfig.attention_impl={self.attention_impl!r}; choose one of {ATTENTION_IMPLS}")
+        if self.layer_loop not in LAYER_LOOPS:
+            raise ConfigError(f"LlamaConfig.layer_loop={self.layer_loop!r}; choose one of {LAYER_LOOPS}")
+        if not isinstance(self.scan_unroll, int) or self.scan_unroll < 1:
+            raise ConfigError(f"LlamaConfig.scan_unroll={self.scan_unroll!r} must be a positive integer")
 
     # ------------------------------------------------------------------ derived
     @property

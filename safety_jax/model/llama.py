@@ -349,8 +349,28 @@ def _decoder(params: Params, tokens: jax.Array, config: LlamaConfig, *, position
     kv = None
     if cache is not None:
         kv = {"k": cache["k"], "v": cache["v"], "index": jnp.asarray(cache["index"], jnp.int32)}
-    (x, kv), captured = jax.lax.scan(block, (x, kv), xs)
+    (x, kv), captured = run_layers(block, (x, kv), xs, n_layers, config)
     return rms_norm(x, params["final_norm"], eps), captured, kv
+
+
+def layer_loop(config: LlamaConfig) -> str:
+    """``config.layer_loop`` resolved for the default backend: "auto" = "unrolled" on CPU, "scan" elsewhere."""
+    if config.layer_loop != "auto":
+        return config.layer_loop
+    return "unrolled" if jax.default_backend() == "cpu" else "scan"
+
+
+def run_layers(block: Callable[[Any, Any], tuple[Any, Any]], carry: Any, xs: Any, n_layers: int,
+               config: LlamaConfig) -> tuple[Any, Any]:
+    """``lax.scan(block, carry, xs)`` over the layer axis, or the same loop unrolled over static layer slices
+    (``config.layer_loop``); the per-layer outputs are stacked ``[L, ...]`` either way."""
+    if layer_loop(config) == "scan":
+        return jax.lax.scan(block, carry, xs, unroll=min(config.scan_unroll, n_layers))
+    outs = []
+    for i in range(n_layers):
+        carry, out = block(carry, jax.tree.map(lambda a, i=i: a[i], xs))
+        outs.append(out)
+    return carry, jax.tree.map(lambda *a: jnp.stack(a), *outs)
 
 
 def default_positions(attention_mask: jax.Array | None, batch: int, length: int) -> jax.Array:
