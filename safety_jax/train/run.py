@@ -16,6 +16,7 @@ naming it)::
     batch_size: 8          # global batch (all processes together)
     precompute_reference: true   # DPO / NPO: reference log-probs in one pass before training (else every step)
     optim: {...}           # safety_jax.train.optim.OptimConfig fields
+    plan: null             # a saved safety_jax.train.plans plan (JSON): ML-LR multipliers or SWAT's two phases
     lora: null             # safety_jax.model.lora.LoraConfig fields to train adapters on a frozen base
     train: {...}           # safety_jax.train.trainer.TrainConfig fields
     mesh: null             # e.g. "data=2,fsdp=4"
@@ -81,6 +82,7 @@ class RunConfig:
     batch_size: int = 8
     precompute_reference: bool = True
     optim: dict = dataclasses.field(default_factory=dict)
+    plan: str | None = None
     lora: dict | None = None
     train: dict = dataclasses.field(default_factory=dict)
     mesh: str | None = None
@@ -364,10 +366,6 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         raise ConfigError(f"run config: batch_size={cfg.batch_size} must be a multiple of the {n_proc} processes")
     batches = BatchIterator(examples, cfg.batch_size, buckets, seed=cfg.seed, pad_id=pad_id, process_index=proc,
                             process_count=n_proc)
-    trainable, frozen = split_trainable(optim_cfg, params)
-    optimizer = build_optimizer(optim_cfg, trainable)
-    del params
-
     eval_fn = None
     if eval_examples is not None:
         eval_it = BatchIterator(eval_examples, cfg.batch_size, buckets, shuffle=False, drop_last=False,
@@ -375,15 +373,38 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         eval_batches = [jax.tree.map(lambda x: x[0], stack_micro_batches(b, 1)) for b in eval_it]
         eval_fn = _held_out_eval(loss_fn, eval_batches, aux)
 
-    state, history = train(loss_fn, optimizer, trainable, batches, train_cfg, frozen=frozen, aux=aux,
-                           out_dir=cfg.out, eval_fn=eval_fn, mesh=mesh, model_config=config, strategy=cfg.strategy,
-                           fingerprint=run_fingerprint_settings(cfg), donate_params=True)
-    base, lora = split(merge_params(state.params, frozen))
+    schedule = plan_phases(cfg, optim_cfg, train_cfg.steps)
+    history: list[dict[str, Any]] = []
+    for i, (steps, phase_optim) in enumerate(schedule):
+        last = i == len(schedule) - 1  # earlier phases checkpoint in their own folder, the last one in `out`
+        trainable, frozen = split_trainable(phase_optim, params)
+        del params
+        state, phase_history = train(
+            loss_fn, build_optimizer(phase_optim, trainable), trainable, batches,
+            dataclasses.replace(train_cfg, steps=steps), frozen=frozen, aux=aux,
+            out_dir=cfg.out if last else os.path.join(cfg.out, f"phase{i}"), eval_fn=eval_fn if last else None,
+            mesh=mesh, model_config=config, strategy=cfg.strategy,
+            fingerprint={**run_fingerprint_settings(cfg), **({"phase": i, "phase_optim": dataclasses.asdict(
+                phase_optim)} if cfg.plan is not None else {})},
+            donate_params=True)
+        history += [{**row, "step": row["step"] + sum(s for s, _ in schedule[:i])} if "step" in row else row
+                    for row in phase_history]
+        params = merge_params(state.params, frozen)
+    base, lora = split(params)
     model_dir = os.path.join(cfg.out, "model")
     save_model(model_dir, config, base, fmt=cfg.save_format, tokenizer=tokenizer, overwrite=True)
     if lora is not None and jax.process_index() == 0:
         save_lora(os.path.join(cfg.out, "lora"), lora, lora_cfg)
     return {"history": history, "model": model_dir}
+
+
+def plan_phases(cfg: RunConfig, optim_cfg: OptimConfig, steps: int) -> list[tuple[int, OptimConfig]]:
+    """The run's optimizer phases: one (``optim``) without a plan, else the plan's (``train.plans.phases``)."""
+    if cfg.plan is None:
+        return [(steps, optim_cfg)]
+    from safety_jax.train.plans import load_plan, phases
+
+    return phases(load_plan(cfg.plan), optim_cfg, steps)
 
 
 def train_from_cli(config_path: str, overrides: list[str]) -> None:
