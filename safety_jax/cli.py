@@ -6,6 +6,7 @@
                                                                    # generate → judge → table (resumable)
     safety-jax train --config run.yaml key=value ...               # SFT / DPO / unlearning
     safety-jax plan --config run.yaml [--mesh fsdp=8] [--batch 8 --seq 2048]   # per-device memory of one step
+    safety-jax sweep --spec sweep.yaml [--out DIR] [--address ray://HEAD:10001]  # grid × seeds on Ray (resumable)
 
 Multi-process (train, plan): --coordinator-address HOST:PORT --num-processes N --process-id I, or the environment
 (JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID, Slurm, Open MPI, TPU) as jax.distributed reads it.
@@ -139,6 +140,22 @@ def _train(args: argparse.Namespace) -> None:
     from safety_jax.train.run import train_from_cli
 
     train_from_cli(args.config, args.overrides)
+
+
+def _sweep(args: argparse.Namespace) -> None:
+    import logging
+
+    from safety_jax.sweep import load_spec, run_sweep
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if not os.path.exists(args.spec):
+        raise UsageError("--spec", f"no file {args.spec}")
+    spec = load_spec(args.spec, args.overrides)
+    out = args.out or os.path.join("runs", "sweeps", spec.name)
+    result = run_sweep(spec, out, address=args.address, num_cpus=args.num_cpus)
+    counts = {s: list(result.status.values()).count(s) for s in ("done", "failed", "todo")}
+    print(f"sweep {spec.name}: {counts['done']} done, {counts['failed']} failed, ran {len(result.ran)} "
+          f"this call -> {os.path.join(out, 'results.md')}")
 
 
 # ---------------------------------------------------------------------------------------------------- plan
@@ -361,6 +378,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=1e-4 steps=100")
     _add_process_args(p)
     p.set_defaults(func=_train)
+
+    p = sub.add_parser("sweep", help="a grid of config overrides x seeds over a study or train config, on Ray")
+    p.add_argument("--spec", required=True, help="sweep spec YAML (see safety_jax/sweep.py)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides of the spec, e.g. seeds=[0,1,2]")
+    p.add_argument("--out", default=None, help="output folder (default runs/sweeps/<name>; reuse it to resume)")
+    p.add_argument("--address", default=None,
+                   help="Ray cluster address (ray://head:10001, auto); default RAY_ADDRESS or a local Ray")
+    p.add_argument("--num-cpus", type=_positive_int, default=None, help="CPUs of the local Ray (default: all)")
+    p.set_defaults(func=_sweep)
 
     p = sub.add_parser("plan", help="per-device memory of one training step, without loading weights",
                        description="Per-device memory of one training step of a run config: params, optimizer "

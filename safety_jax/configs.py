@@ -1,0 +1,137 @@
+"""The one YAML reader of the project's configs: YAML with ``1e-4`` read as a float, ``key=value`` overrides, and
+errors that name the file, the line and the key.
+
+    data = read_yaml("sweep.yaml")                  # a YamlDict: a dict that knows each key's line
+    apply_overrides(data, ["train.lr=3e-4", "seeds=[0, 1]"])
+    spec = build(SweepSpec, data, "sweep.yaml")     # unknown keys -> ConfigError naming file, line and key
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import typing
+from collections.abc import Sequence
+from typing import Any
+
+import yaml
+
+from safety_jax.errors import ConfigError
+
+
+class YamlLoader(yaml.SafeLoader):
+    """YAML 1.1 with ``1e-4`` read as a float (plain PyYAML wants ``1.0e-4`` and reads ``1e-4`` as a string)."""
+
+
+YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                  |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                  |\.[0-9_]+(?:[eE][-+][0-9]+)?
+                  |[-+]?\.(?:inf|Inf|INF)
+                  |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."))
+
+
+class YamlDict(dict):
+    """A mapping read from a file: ``where(key)`` says "FILE, line N" for its keys (nested ones included)."""
+
+    def __init__(self, data: dict, path: str = "<overrides>", lines: dict[str, int] | None = None,
+                 prefix: str = "") -> None:
+        super().__init__(data)
+        self.path, self.lines, self.prefix = path, dict(lines or {}), prefix
+
+    def where(self, key: str) -> str:
+        dotted = f"{self.prefix}{key}"
+        line = self.lines.get(dotted)
+        return f"{self.path}, line {line}" if line else self.path
+
+    def child(self, key: str) -> YamlDict:
+        """The mapping under ``key`` as a YamlDict that keeps the file's line numbers."""
+        value = self.get(key) or {}
+        if not isinstance(value, dict):
+            raise ConfigError(f"{self.where(key)}: {self.prefix}{key} must be a mapping, got {value!r}")
+        return YamlDict(value, self.path, self.lines, f"{self.prefix}{key}.")
+
+
+def _key_lines(node: yaml.Node, prefix: str, out: dict[str, int]) -> None:
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            dotted = f"{prefix}{key_node.value}"
+            out[dotted] = key_node.start_mark.line + 1
+            _key_lines(value_node, dotted + ".", out)
+
+
+def read_yaml(path: str) -> YamlDict:
+    """The mapping in ``path``; malformed YAML or a non-mapping raises ConfigError naming the file and line."""
+    try:
+        with open(path) as f:
+            text = f.read()
+    except OSError as e:
+        raise ConfigError(f"config {path}: cannot read it ({e.strerror})") from None
+    try:
+        node = yaml.compose(text, Loader=YamlLoader)
+        data = yaml.load(text, Loader=YamlLoader)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}, line {mark.line + 1}, column {mark.column + 1}" if mark else path
+        raise ConfigError(f"config {where}: malformed YAML ({getattr(e, 'problem', None) or e})") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config {path}: the file must hold a mapping of keys, got {type(data).__name__}")
+    lines: dict[str, int] = {}
+    if node is not None:
+        _key_lines(node, "", lines)
+    return YamlDict(data, path, lines)
+
+
+def parse_value(text: str) -> Any:
+    """An override's value, read as YAML (numbers, ``1e-4``, lists, mappings, null)."""
+    try:
+        return yaml.load(text, Loader=YamlLoader)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override value {text!r} is not valid YAML ({e})") from None
+
+
+def set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    """``tree["a"]["b"] = value`` for ``dotted="a.b"``, creating (or replacing non-mapping) parents."""
+    parts = dotted.split(".")
+    for p in parts[:-1]:
+        if not isinstance(tree.get(p), dict):
+            tree[p] = {}
+        tree = tree[p]
+    tree[parts[-1]] = value
+
+
+def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
+    """Apply ``key=value`` overrides (dotted keys, YAML values) to ``data`` in place; returns it."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not key=value (e.g. optim.lr=1e-4)")
+        key, value = item.split("=", 1)
+        set_dotted(data, key.strip(), parse_value(value))
+    return data
+
+
+def build(cls: type, data: dict, where: str) -> Any:
+    """``cls(**data)`` for a dataclass, with nested dataclass fields built from their mappings; an unknown key raises
+    ConfigError naming the file and line (when ``data`` is a YamlDict) and the known keys."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    located = data if isinstance(data, YamlDict) else YamlDict(data, where)
+    unknown = [k for k in data if k not in fields]
+    if unknown:
+        k = unknown[0]
+        raise ConfigError(f"{located.where(k)}: unknown key '{located.prefix}{k}' in {cls.__name__}; known: "
+                          f"{', '.join(fields)}")
+    kwargs = {}
+    for key, value in data.items():
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint) and isinstance(value, dict):
+            value = build(hint, located.child(key), where)
+        kwargs[key] = value
+    try:
+        return cls(**kwargs)
+    except TypeError as e:
+        raise ConfigError(f"{where}: {cls.__name__}: {e}") from None
