@@ -6,6 +6,7 @@
                                                                    # generate → judge → table (resumable)
     safety-jax train --config run.yaml key=value ...               # SFT / DPO / unlearning
     safety-jax plan --config run.yaml [--mesh fsdp=8] [--batch 8 --seq 2048]   # per-device memory of one step
+    safety-jax study all --config demo --out runs/demo            # the main job: studies 1-4 and their index
     safety-jax sweep --spec sweep.yaml [--out DIR] [--address ray://HEAD:10001]  # grid × seeds on Ray (resumable)
 
 Multi-process (train, plan): --coordinator-address HOST:PORT --num-processes N --process-id I, or the environment
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import os
 import re
@@ -142,9 +144,15 @@ def _train(args: argparse.Namespace) -> None:
     train_from_cli(args.config, args.overrides)
 
 
-def _sweep(args: argparse.Namespace) -> None:
-    import logging
+def _study(args: argparse.Namespace) -> None:
+    from experiments.main import run_studies
 
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("absl").setLevel(logging.WARNING)
+    run_studies(args.studies, args.config, args.out, args.overrides)
+
+
+def _sweep(args: argparse.Namespace) -> None:
     from safety_jax.sweep import load_spec, run_sweep
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -378,6 +386,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=1e-4 steps=100")
     _add_process_args(p)
     p.set_defaults(func=_train)
+
+    p = sub.add_parser("study", help="the synthetic studies into one folder, with an index of their claims")
+    from experiments.main import add_arguments
+
+    add_arguments(p)
+    p.set_defaults(func=_study)
 
     p = sub.add_parser("sweep", help="a grid of config overrides x seeds over a study or train config, on Ray")
     p.add_argument("--spec", required=True, help="sweep spec YAML (see safety_jax/sweep.py)")

@@ -152,7 +152,8 @@ def _override_args(overrides: dict[str, Any]) -> list[str]:
     return [f"{k}={json.dumps(v)}" for k, v in overrides.items()]
 
 
-def _resolve(ref: str) -> Callable[..., Any]:
+def resolve(ref: str) -> Callable[..., Any]:
+    """The function ``"package.module:function"`` names."""
     module, _, name = ref.partition(":")
     try:
         return getattr(importlib.import_module(module), name)
@@ -219,10 +220,10 @@ def run_cell(spec: SweepSpec, cell: Cell, out: str, *, process_id: int = 0, num_
                                    process_id=process_id)
         load_ref, run_ref = TARGETS.get(spec.target, (None, spec.target))
         if load_ref is None:  # "module:function": the function takes (config name or path, overrides, out)
-            metrics = _resolve(run_ref)(spec.config, _override_args(cell.overrides), os.path.join(d, "run"))
+            metrics = resolve(run_ref)(spec.config, _override_args(cell.overrides), os.path.join(d, "run"))
         else:
-            cfg = _resolve(load_ref)(spec.config, _override_args(cell.overrides))
-            metrics = _resolve(run_ref)(cfg, os.path.join(d, "run"))
+            cfg = resolve(load_ref)(spec.config, _override_args(cell.overrides))
+            metrics = resolve(run_ref)(cfg, os.path.join(d, "run"))
     except Exception:
         if lead:
             write_atomic(os.path.join(d, "FAILED"), json.dumps({"traceback": traceback.format_exc()}))
