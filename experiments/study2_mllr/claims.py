@@ -33,7 +33,9 @@ def harmful(r: Mapping[str, Any], s: str = "unsafe") -> tuple[int, int]:
 
 
 def task(r: Mapping[str, Any]) -> tuple[int, int]:
-    return r["sets"]["safe"]["correct_k"], r["sets"]["safe"]["n"]
+    """Correct answers on the task's test inputs; (0, 0) when the run has no task scorer."""
+    s = r["sets"].get("safe")
+    return (0, 0) if s is None else (s["correct_k"], s["n"])
 
 
 def _small(metrics: Mapping[str, Any]) -> bool:
@@ -101,6 +103,9 @@ def claim_plan(metrics: Mapping[str, Any], plan: str, spec: tuple[str, str]) -> 
     if prop_greater(*harmful(u), *harmful(a))[1] >= ALPHA:
         return undecided(key, statement, "benign fine-tuning under the uniform lr did not raise harmfulness "
                          "significantly, so there is nothing to lower", evidence)
+    if task(u)[1] == 0:
+        return undecided(key, statement, "the run has no task scorer, so equal task accuracy cannot be checked",
+                         evidence)
     lower, equal = ph < ALPHA, pt >= ALPHA
     ok = lower and equal
     reading = ("protecting the non-robust modules keeps more of the refusal at no significant cost in task accuracy"
