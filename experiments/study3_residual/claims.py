@@ -54,7 +54,7 @@ def claim_low_rank(metrics: Mapping[str, Any]) -> Claim:
 
 def claim_predicts(metrics: Mapping[str, Any]) -> Claim:
     key, statement = PREDICTS
-    parts, ok, figures = [], [], {}
+    parts, ok, figures, why = [], [], {}, []
     for name, r in metrics["pairs"].items():
         if r["n"] < metrics["min_n"]:
             return undecided(key, statement, f"{r['n']} analysis inputs < min_n = {metrics['min_n']}")
@@ -65,6 +65,12 @@ def claim_predicts(metrics: Mapping[str, Any]) -> Claim:
         well = late_mean >= WELL and bool((acc[late] > q95[late]).all())
         poorly = float(acc[0]) <= late_mean - MARGIN
         ok.append(well and poorly)
+        if late_mean < WELL:
+            why.append(f"{name}: the later layers reach {late_mean:.2f}, under the {WELL} bar")
+        elif not well:
+            why.append(f"{name}: some later layer is not above the random directions' 95th percentile")
+        if not poorly:
+            why.append(f"{name}: the first layer ({acc[0]:.2f}) is within {MARGIN} of the later layers")
         figures.update({f"{name}/late_mean": late_mean, f"{name}/first_layer": float(acc[0])})
         parts.append(f"{name}: dominant-component accuracy per layer {_fmt(acc)} (random directions' 95th "
                      f"percentile {_fmt(q95)}; best of {r['best_of']} components {_fmt(r['best_acc'])}, best of "
@@ -74,9 +80,7 @@ def claim_predicts(metrics: Mapping[str, Any]) -> Claim:
                          f"{_fmt(np.abs(r['probe_cosine']))}" if "probe_acc" in r else ""))
     holds = all(ok)
     reading = ("the direction fine-tuning added reads refusal off the state in the later blocks, and not yet after "
-               "the first" if holds else "either the later layers miss the bar or the first layer already predicts "
-               "refusal about as well: in this world the operators that decide refusal are single tokens, visible "
-               "to the state from the first block on, unlike the reference's distributed prompts")
+               "the first" if holds else "; ".join(why))
     return Claim(key, statement, holds, "; ".join(parts) + ".", reading, figures)
 
 
