@@ -177,3 +177,16 @@ def test_cells_cross_grid_cells_and_seeds_with_stable_ids():
     assert cells[0].overrides == {"finetune.steps": 5, "a": 1, "b": "u", "seed": 0}
     assert [c.id for c in sweep.expand(spec)] == [c.id for c in cells]
     assert sweep.flatten_metrics({"a": {"b": 1, "c": [1, 2], "d": "s"}, "e": True}) == {"a.b": 1.0, "e": 1.0}
+
+
+@pytest.mark.slow  # four study-1 quick runs (a few minutes on 2 cores)
+def test_the_shipped_study1_sweep_runs_on_a_local_ray(tmp_path):
+    spec = sweep.load_spec(os.path.join(ROOT, "experiments", "sweeps", "study1_lr_seed.yaml"))
+    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"JAX_PLATFORMS": "cpu"}})
+    try:
+        result = sweep.run_sweep(spec, str(tmp_path / "s1"))
+    finally:
+        ray.shutdown()
+    assert set(result.status.values()) == {"done"} and len(result.ran) == 4
+    assert len(result.rows) == 4 * len(spec.metrics) and all(np.isfinite(r["value"]) for r in result.rows)
+    assert os.path.exists(tmp_path / "s1" / "eval.ssft@eta_M.unsafe.refused_vs_finetune.lrs.eta_M.png")
