@@ -35,7 +35,7 @@ from experiments.study3_residual import claims, report
 from experiments.study3_residual import synthetic as syn
 from experiments.study3_residual.config import JAILBREAKS, Study3Config, load_config
 from safety_jax.analysis import attribution, probes, residual
-from safety_jax.data.synthetic_sets import HARMFUL, SAFETY_KINDS, concat_batches, safety_batch
+from safety_jax.data.synthetic_sets import HARMFUL, SAFETY_KINDS, concat_batches, mixed_safety_batch, safety_batch
 from safety_jax.eval.gcg import GCGConfig
 from safety_jax.eval.synthetic_world import left_padded_prompts
 from safety_jax.stages import Stages
@@ -238,7 +238,8 @@ def family_sets(c: Ctx, attacks: dict[str, Any], which: str, n: int) -> dict[str
 
 # ---------------------------------------------------------------------------------------------------- exposure
 def exposure_model(c: Ctx, res: dict[str, Any], attacks: dict[str, Any], count: int, folder: str) -> Any:
-    """SSFT (study 1's settings at the first pair's learning rate) with ``count`` examples of each family mixed in."""
+    """SSFT (study 1's settings at the first pair's learning rate) with ``count`` examples of each family mixed in:
+    each batch is study 1's plus ``rows_per_batch`` rows drawn from the pool (standard rows at count 0)."""
     ex, cfg1 = c.cfg.exposure, c.cfg1
     pool = None
     if count:
@@ -248,10 +249,16 @@ def exposure_model(c: Ctx, res: dict[str, Any], attacks: dict[str, Any], count: 
     length = c.world.config.seq_len + num
 
     def make(i: int) -> dict[str, np.ndarray]:
+        # every exposure trains on batches of one size: without a pool the extra rows are standard safe / unsafe ones
         parts = [study1.method_batch(cfg1, c.world, "ssft", i, data_seed=c.cfg.seed + 1000)]
         if pool is not None:
             idx = c.rng(51, i).integers(0, len(pool["tokens"]), ex.rows_per_batch)
             parts.append({k: v[idx] for k, v in pool.items()})
+        else:
+            f1 = cfg1.finetune.for_method("ssft")
+            parts.append(mixed_safety_batch(c.world, ex.rows_per_batch, f1.unsafe_frac, c.rng(52, i),
+                                            cfg1.world.grammars, second_segment_refusal=f1.second_segment_refusal
+                                            ).sft())
         return syn.pad_sft(syn.concat_sft(parts), length)
 
     run = res["after"]
