@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import types
 import typing
 from collections.abc import Sequence
 from typing import Any
@@ -95,11 +96,14 @@ def parse_value(text: str) -> Any:
 
 
 def set_dotted(tree: dict, dotted: str, value: Any) -> None:
-    """``tree["a"]["b"] = value`` for ``dotted="a.b"``, creating (or replacing non-mapping) parents."""
+    """``tree["a"]["b"] = value`` for ``dotted="a.b"``, creating missing (or null) sections; a parent that holds a
+    value other than a mapping is an error."""
     parts = dotted.split(".")
-    for p in parts[:-1]:
-        if not isinstance(tree.get(p), dict):
+    for i, p in enumerate(parts[:-1]):
+        if tree.get(p) is None:
             tree[p] = {}
+        if not isinstance(tree[p], dict):
+            raise ConfigError(f"override {dotted}: {'.'.join(parts[:i + 1])} is {tree[p]!r}, not a section")
         tree = tree[p]
     tree[parts[-1]] = value
 
@@ -114,22 +118,39 @@ def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
     return data
 
 
-def build(cls: type, data: dict, where: str) -> Any:
-    """``cls(**data)`` for a dataclass, with nested dataclass fields built from their mappings; an unknown key raises
-    ConfigError naming the file and line (when ``data`` is a YamlDict) and the known keys."""
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    hints = typing.get_type_hints(cls)
+def _dataclass_in(hint: Any) -> type | None:
+    """The dataclass a field's type names (``Spec`` or ``Spec | None``), if any."""
+    if dataclasses.is_dataclass(hint):
+        return hint
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        found = [a for a in typing.get_args(hint) if dataclasses.is_dataclass(a)]
+        return found[0] if len(found) == 1 else None
+    return None
+
+
+def build(cls: type, data: Any, where: str = "config") -> Any:
+    """``cls(**data)`` for a dataclass, building the fields typed as dataclasses (or ``dict[str, dataclass]``) from
+    their mappings. An unknown key raises ConfigError naming the file and line (when ``data`` came from
+    :func:`read_yaml`), the dotted key and the known keys; ``where`` names the source otherwise."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: the config must be a mapping of keys, got {data!r}")
     located = data if isinstance(data, YamlDict) else YamlDict(data, where)
+    fields = [f.name for f in dataclasses.fields(cls)]
     unknown = [k for k in data if k not in fields]
     if unknown:
         k = unknown[0]
         raise ConfigError(f"{located.where(k)}: unknown key '{located.prefix}{k}' in {cls.__name__}; known: "
                           f"{', '.join(fields)}")
+    hints = typing.get_type_hints(cls)
     kwargs = {}
     for key, value in data.items():
         hint = hints[key]
-        if dataclasses.is_dataclass(hint) and isinstance(value, dict):
-            value = build(hint, located.child(key), where)
+        sub = _dataclass_in(hint)
+        if sub is not None and value is not None:
+            value = build(sub, located.child(key), where)
+        elif typing.get_origin(hint) is dict and dataclasses.is_dataclass(typing.get_args(hint)[1]):
+            section = located.child(key)
+            value = {str(k): build(typing.get_args(hint)[1], section.child(k), where) for k in section}
         kwargs[key] = value
     try:
         return cls(**kwargs)

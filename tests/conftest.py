@@ -22,3 +22,13 @@ def fast_compiles():
     jax.config.update("jax_disable_most_optimizations", True)
     yield
     jax.config.update("jax_disable_most_optimizations", before)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``slow`` run only when asked for (``-m slow``, or any ``-m`` expression naming it)."""
+    if "slow" in (config.option.markexpr or ""):
+        return
+    skip = pytest.mark.skip(reason="slow: opt-in with -m slow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)

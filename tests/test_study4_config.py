@@ -41,7 +41,7 @@ def test_bad_synthetic_values_name_their_field(override, field):
 @pytest.mark.parametrize("override, field", [
     ("user.task=imdb", "user.task"), ("alignment.lora={rank: -1}", "alignment.lora"),
     ("eval.max_new_tokens=0", "eval.max_new_tokens"), ("antidote.target=both", "antidote.target"),
-    ("model=''", "model"), ("extra=1", "top level"),
+    ("model=''", "model"), ("extra=1", "unknown key 'extra'"),
 ])
 def test_bad_real_values_name_their_field(override, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):

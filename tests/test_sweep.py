@@ -189,4 +189,4 @@ def test_the_shipped_study1_sweep_runs_on_a_local_ray(tmp_path):
         ray.shutdown()
     assert set(result.status.values()) == {"done"} and len(result.ran) == 4
     assert len(result.rows) == 4 * len(spec.metrics) and all(np.isfinite(r["value"]) for r in result.rows)
-    assert os.path.exists(tmp_path / "s1" / "eval.ssft@eta_M.unsafe.refused_vs_finetune.lrs.eta_M.png")
+    assert len(list((tmp_path / "s1").glob("*_vs_finetune.lrs.eta_M.png"))) == len(spec.plots)

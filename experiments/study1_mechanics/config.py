@@ -9,26 +9,15 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 from collections.abc import Sequence
 from typing import Any
 
-import yaml
-
+from safety_jax.configs import apply_overrides, build, read_yaml
 from safety_jax.errors import ConfigError
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-class YamlLoader(yaml.SafeLoader):
-    """YAML 1.1 with ``1e-4`` read as a float (plain PyYAML wants ``1.0e-4`` and reads ``1e-4`` as a string)."""
-
-
-YamlLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
-                |\.[0-9_]+(?:[eE][-+][0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$""", re.X),
-    list("-+0123456789."))
 METHODS = ("ssft", "dpo", "dpo_standard", "unlearning")
 # The finetune fields only one method reads (every other field is shared by all methods).
 METHOD_FIELDS = {"ssft": (), "dpo": ("beta_chosen", "beta_rejected", "pair_targets"),
@@ -239,34 +228,6 @@ class StudyConfig:
         return dataclasses.asdict(self)
 
 
-def _build(cls: type, data: dict[str, Any], where: str) -> Any:
-    """Build dataclass ``cls`` from ``data``, recursing into dataclass-typed fields; unknown keys are errors."""
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        raise ValueError(f"config {where or 'top level'}: unknown key(s) {unknown}; known: {sorted(fields)}")
-    kwargs = {}
-    for name, value in data.items():
-        sub = {"world": WorldSpec, "model": ModelSpec, "pretrain": PretrainSpec, "finetune": FinetuneSpec,
-               "eval": EvalSpec, "analysis": AnalysisSpec}.get(name) if cls is StudyConfig else None
-        if sub is not None:
-            if not isinstance(value, dict):
-                raise ValueError(f"config {name}: expected a mapping, got {value!r}")
-            value = _build(sub, value, name)
-        kwargs[name] = value
-    return cls(**kwargs)
-
-
-def set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
-    parts = dotted.split(".")
-    for p in parts[:-1]:
-        node = tree.setdefault(p, {})
-        if not isinstance(node, dict):
-            raise ValueError(f"override {dotted}: '{p}' is not a section")
-        tree = node
-    tree[parts[-1]] = value
-
-
 def config_path(name_or_path: str, folder: str = HERE) -> str:
     """A shipped config name (``demo`` / ``quick`` / …: the YAML of that name in ``folder``, by default this study's)
     or a path."""
@@ -280,18 +241,11 @@ def config_path(name_or_path: str, folder: str = HERE) -> str:
 
 
 def read_config(name_or_path: str, overrides: Sequence[str] = (), folder: str = HERE) -> dict[str, Any]:
-    """A YAML config (a shipped name in ``folder`` or a path) as a dict, with ``key.sub=value`` overrides (values
-    parsed as YAML) applied."""
-    with open(config_path(name_or_path, folder)) as f:
-        data = yaml.load(f, Loader=YamlLoader) or {}
-    for item in overrides:
-        key, eq, raw = item.partition("=")
-        if not eq or not key:
-            raise ConfigError(f"override {item!r} must look like section.key=value")
-        set_dotted(data, key.strip(), yaml.load(raw, Loader=YamlLoader))
-    return data
+    """A YAML config (a shipped name in ``folder`` or a path) as a mapping that knows its keys' lines
+    (:func:`safety_jax.configs.read_yaml`), with ``key.sub=value`` overrides (values parsed as YAML) applied."""
+    return apply_overrides(read_yaml(config_path(name_or_path, folder)), overrides)
 
 
 def load_config(name_or_path: str, overrides: Sequence[str] = ()) -> StudyConfig:
     """Read a YAML config and apply ``key.sub=value`` overrides (values parsed as YAML)."""
-    return _build(StudyConfig, read_config(name_or_path, overrides), "")
+    return build(StudyConfig, read_config(name_or_path, overrides), name_or_path)

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import typing
 from collections.abc import Sequence
 from typing import Any
 
 from experiments.study1_mechanics.config import read_config
+from safety_jax.configs import build
 from safety_jax.errors import ConfigError
 from safety_jax.model.llama import CAPTURE_NAMES, LINEAR_MODULES
 from safety_jax.parallel import STRATEGY_RULES, parse_mesh_spec
@@ -204,36 +204,9 @@ def check_mesh_spec(spec: Any, where: str = "mesh") -> None:
         raise ConfigError(f"{where}: {e}") from None
 
 
-def _build(cls: type, data: Any, where: str) -> Any:
-    """Build dataclass ``cls`` from a mapping, recursing into dataclass fields and ``dict[str, dataclass]`` fields;
-    unknown keys are errors naming the section."""
-    if not isinstance(data, dict):
-        raise ConfigError(f"config {where or 'top level'}: expected a mapping, got {data!r}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        raise ConfigError(f"config {where or 'top level'}: unknown key(s) {unknown}; known: {sorted(fields)}")
-    hints = typing.get_type_hints(cls)
-    kwargs = {}
-    for name, value in data.items():
-        at = f"{where}.{name}" if where else name
-        hint = hints[name]
-        if dataclasses.is_dataclass(hint):
-            value = _build(hint, value, at)
-        elif typing.get_origin(hint) is dict and dataclasses.is_dataclass(typing.get_args(hint)[1]):
-            if not isinstance(value, dict):
-                raise ConfigError(f"config {at}: expected a mapping of name -> section, got {value!r}")
-            value = {str(k): _build(typing.get_args(hint)[1], v, f"{at}.{k}") for k, v in value.items()}
-        kwargs[name] = value
-    try:
-        return cls(**kwargs)
-    except TypeError as e:
-        raise ConfigError(f"config {where or 'top level'}: {e}") from None
-
-
 def load_real_config(name_or_path: str, overrides: Sequence[str] = ()) -> RealStudyConfig:
     """Read a YAML config (``real_llama2`` / ``real_llama3`` or a path) and apply ``key.sub=value`` overrides."""
-    return _build(RealStudyConfig, read_config(name_or_path, overrides), "")
+    return build(RealStudyConfig, read_config(name_or_path, overrides), name_or_path)
 
 
 __all__ = ["FEATURES", "CheckpointSpec", "GenerationSpec", "PairSpec", "PromptSetSpec", "RealStudyConfig",

@@ -17,7 +17,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from experiments.study1_mechanics.config import read_config
-from experiments.study4_antidote.config import DEFENSES, HERE, SCORES, TOKEN_MASKS, _build, _fail, _numbers
+from experiments.study4_antidote.config import DEFENSES, HERE, SCORES, TOKEN_MASKS, _fail, _numbers
+from safety_jax.configs import build
 from safety_jax.errors import ConfigError
 
 TASKS = ("sst2", "agnews", "gsm8k", "alpaca")
@@ -199,16 +200,6 @@ def validate_real(cfg: RealStudy4Config) -> None:
         _fail("antidote.token_mask", x.token_mask, f"choose from {', '.join(TOKEN_MASKS)}")
 
 
-REAL_SECTIONS = {"alignment": RealAlignment, "user": RealUser, "antidote": RealAntidote, "eval": RealEval}
-
-
 def load_real_config(name_or_path: str, overrides: Sequence[str] = ()) -> RealStudy4Config:
-    data = read_config(name_or_path, overrides, HERE)
-    if not isinstance(data, dict):
-        raise ConfigError(f"config {name_or_path}: expected a mapping")
-    unknown = sorted(set(data) - {f.name for f in dataclasses.fields(RealStudy4Config)})
-    if unknown:
-        raise ConfigError(f"config top level: unknown key(s) {unknown}; known: "
-                          f"{sorted(f.name for f in dataclasses.fields(RealStudy4Config))}")
-    kwargs = {k: _build(REAL_SECTIONS[k], v, k) if k in REAL_SECTIONS else v for k, v in data.items()}
-    return RealStudy4Config(**kwargs)
+    """Read a YAML config (``real_llama2`` / ``real_llama3`` or a path) and apply ``key.sub=value`` overrides."""
+    return build(RealStudy4Config, read_config(name_or_path, overrides, HERE), name_or_path)
