@@ -106,6 +106,22 @@ def test_plan_round_trip_rules_and_validation(tmp_path):
         plans.Plan(kind="lora")
 
 
+def test_run_config_plan_gives_the_optimizer_phases(tmp_path):
+    from safety_jax.train.run import RunConfig, plan_phases
+
+    base = OptimConfig(lr=1e-3)
+    assert plan_phases(RunConfig(preset="tiny"), base, 6) == [(6, base)]
+    plans.save_plan(dataclasses.replace(PLAN, kind="swat"), tmp_path / "swat.json")
+    (n1, warm), (n2, full) = plan_phases(RunConfig(preset="tiny", plan=str(tmp_path / "swat.json")), base, 6)
+    assert (n1, n2) == (2, 4) and warm.trainable == plans.robust_rules(PLAN) and full.trainable == ()
+    plans.save_plan(PLAN, tmp_path / "mllr.json")
+    (n, ocfg), = plan_phases(RunConfig(preset="tiny", plan=str(tmp_path / "mllr.json")), base, 6)
+    assert n == 6 and ocfg.lr_multipliers == plans.mllr_multipliers(PLAN)
+    with pytest.raises(ConfigError, match="plan file"):
+        plan_phases(RunConfig(preset="tiny", plan=str(tmp_path / "missing.json")), base, 6)
+
+
+@pytest.mark.slow
 def test_train_cli_runs_a_saved_swat_plan_in_two_phases(tmp_path):
     from hf_models import make_tokenizer
 
@@ -127,10 +143,10 @@ def test_train_cli_runs_a_saved_swat_plan_in_two_phases(tmp_path):
     plans.save_plan(plan, tmp_path / "plan.json")
     rc = load_run_config(None, [f"model={tmp_path / 'model'}", f"out={tmp_path / 'out'}", f"plan={tmp_path}/plan.json",
                                 f"data.path={tmp_path}/train.jsonl", "data.template=none", "data.max_length=16",
-                                "batch_size=8", "optim.lr=1e-2", "train.steps=4", "train.log_every=1",
+                                "batch_size=8", "optim.lr=1e-2", "train.steps=3", "train.log_every=1",
                                 "train.progress=false"])
     result = run(rc)
-    assert [r["step"] for r in result["history"] if "loss" in r] == [1, 2, 3, 4]
+    assert [r["step"] for r in result["history"] if "loss" in r] == [1, 2, 3]
     assert (tmp_path / "out" / "phase0" / "metrics.jsonl").exists()
     _, trained = load_model(tmp_path / "out" / "model")
     assert not np.array_equal(np.asarray(trained["layers"]["mlp"]["gate"]), np.asarray(params["layers"]["mlp"]["gate"]))

@@ -16,7 +16,7 @@ from safety_jax.model.config import get_preset
 from safety_jax.model.llama import LINEAR_MODULES, init_params
 from safety_jax.train.losses import make_sft_loss
 
-MODULES = ("attn.q", "attn.v", "mlp.down")
+MODULES = ("attn.q", "mlp.down")
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +68,7 @@ def test_perturb_slice_changes_only_that_slice_with_the_requested_relative_norm_
 
 def test_batched_gaussian_robustness_equals_a_per_module_loop(world):
     cfg, params, data, probe = world
-    modules = ("attn.q", "mlp.down")
+    modules = ("mlp.down",)
     res = rb.gaussian_robustness(params, cfg, probe, data, 1, modules=modules, eps=0.5, seed=3, chunk=2,
                                  batch_size=16)  # 3 layers in chunks of 2, 24 rows in batches of 16
     assert res["accuracy"].shape == (len(modules), 3)
@@ -99,12 +99,12 @@ def test_proxy_guided_search_keeps_accuracy_above_the_threshold(world):
     cfg, params, data, probe = world
     res = rb.gaussian_robustness(params, cfg, probe, data, 1, modules=MODULES, eps=0.5, seed=3)
     order = rb.robustness_order(res, MODULES)
-    assert len(order) == 9 and len(set(order)) == 9
+    assert len(order) == 6 and len(set(order)) == 6
     acc = np.asarray(res["accuracy"])
     ranked = [acc[MODULES.index(m), lay] for m, lay in order]
     assert ranked == sorted(ranked, reverse=True)
     everything, accs = rb.proxy_guided_search(params, cfg, probe, data, 1, order, min_accuracy=0.0, eps=0.5, seed=3)
-    assert everything == order and len(accs) == 9
+    assert everything == order and len(accs) == 6
     none, _ = rb.proxy_guided_search(params, cfg, probe, data, 1, order, min_accuracy=1.01, eps=0.5, seed=3)
     assert none == []
     some, accs = rb.proxy_guided_search(params, cfg, probe, data, 1, order, min_accuracy=res["base_accuracy"],

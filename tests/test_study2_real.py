@@ -60,10 +60,10 @@ def folders(tmp_path_factory):
 def tiny_overrides(root) -> list[str]:
     csv_file, alpaca = root / "harmful_behaviors.csv", root / "alpaca_data.json"
     return [f"model={root / 'model'}", "dtype=float32", "max_length=64", "template=alpaca",
-            f"probe.harmful_data_files={csv_file}", "probe.steps=20", "probe.batch_size=8",
-            "robustness.modules=[attn.q, mlp.down]", "robustness.chunk=2", "robustness.min_accuracy=0.0",
+            f"probe.harmful_data_files={csv_file}", "probe.steps=10", "probe.batch_size=8",
+            "robustness.modules=[mlp.down]", "robustness.chunk=2", "robustness.max_drop=1.0",
             f"benign.data_files={alpaca}", "benign.n=4", "benign.batch_size=2", "benign.lr=1.0e-3",
-            "benign.remat=none", f"eval.harmful_data_files={csv_file}", "eval.n_harmful=4", "eval.max_new_tokens=3",
+            "benign.remat=none", f"eval.harmful_data_files={csv_file}", "eval.n_harmful=4", "eval.max_new_tokens=2",
             "eval.batch_size=4"]
 
 
@@ -91,10 +91,10 @@ def test_real_pipeline_runs_every_stage_and_writes_the_report(real_run, folders)
     assert [r["plan"] for r in metrics["rows"]] == ["aligned", "uniform", "mllr", "swat"]
     for r in metrics["rows"]:
         assert r["sets"]["unsafe"]["n"] == 4 and 0 <= r["sets"]["unsafe"]["harmful_k"] <= 4
-    assert len(metrics["robustness"]["order"]) == 2 * TINY["num_hidden_layers"]
+    assert len(metrics["robustness"]["order"]) == TINY["num_hidden_layers"]
     assert metrics["robustness"]["mods_robust"] == metrics["robustness"]["order"]  # threshold 0: every module
     swat = plans.load_plan(os.path.join(out, "plans", "plan_swat.json"))
-    assert swat.warmup_steps == 1 and len(swat.mods_robust) == 4
+    assert swat.warmup_steps == 1 and len(swat.mods_robust) == 2
     assert all(col in open(os.path.join(out, "results.md")).read() for col in COLUMNS)
     _, base = load_model(folders / "model", dtype="float32")
     _, tuned = load_model(os.path.join(out, "benign_uniform", "model"), dtype="float32")

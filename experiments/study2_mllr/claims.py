@@ -108,8 +108,12 @@ def claim_plan(metrics: Mapping[str, Any], plan: str, spec: tuple[str, str]) -> 
                          evidence)
     lower, equal = ph < ALPHA, pt >= ALPHA
     ok = lower and equal
+    rob = metrics["robustness"]
+    total, k = len(rob["modules"]) * metrics["num_layers"], len(rob["mods_robust"])
+    share = (f"Mods_Robust holds {k} of the {total} analysed modules, so the plan treats "
+             f"{total - k if plan == 'mllr' else k} of them differently from a uniform lr")
     reading = ("protecting the non-robust modules keeps more of the refusal at no significant cost in task accuracy"
-               if ok else "harmfulness is not significantly lower" if not lower else
+               if ok else f"harmfulness is not significantly lower; {share}" if not lower else
                "harmfulness is lower, but so is task accuracy: the plan trades usefulness for safety here")
     return Claim(key, statement, ok, evidence, reading,
                  {f"{plan}/harmful": harmful(r)[0] / harmful(r)[1], f"{plan}/task": task(r)[0] / task(r)[1]})

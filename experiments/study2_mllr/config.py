@@ -44,7 +44,8 @@ class RobustnessSpec:
     """Module robustness (ours): ``perturbation`` gaussian (relative Frobenius size ``eps``) or finetune
     (``finetune_steps`` SGD steps at ``finetune_lr`` on safe operator tasks, restricted to the module) on each of
     ``modules`` × every layer; the proxy-guided search keeps adding modules in robustness order while the probe
-    accuracy with all chosen ones perturbed together stays ≥ ``min_accuracy`` (Gaussian joint perturbations)."""
+    accuracy with all chosen ones perturbed together stays ≥ the unperturbed accuracy − ``max_drop`` (Gaussian joint
+    perturbations)."""
 
     perturbation: str = "gaussian"
     eps: float = 0.2
@@ -52,7 +53,7 @@ class RobustnessSpec:
     chunk: int = 8
     finetune_steps: int = 5
     finetune_lr: float = 1e-2
-    min_accuracy: float = 0.9
+    max_drop: float = 0.05
     stop_at_first_failure: bool = True
 
 
@@ -156,8 +157,8 @@ def validate(cfg: Study2Config) -> None:
     _whole("robustness.finetune_steps", r.finetune_steps)
     if not isinstance(r.modules, list) or not r.modules or any(m not in LINEAR_MODULES for m in r.modules):
         _fail("robustness.modules", r.modules, f"a non-empty list from {', '.join(LINEAR_MODULES)}")
-    if not 0 <= r.min_accuracy <= 1:
-        _fail("robustness.min_accuracy", r.min_accuracy, "a fraction in [0, 1]")
+    if isinstance(r.max_drop, bool) or not isinstance(r.max_drop, int | float) or not 0 <= r.max_drop <= 1:
+        _fail("robustness.max_drop", r.max_drop, "a fraction in [0, 1] of probe accuracy")
     pl = cfg.plan
     if not 0 <= pl.gamma:
         _fail("plan.gamma", pl.gamma, "a learning-rate factor ≥ 0 (the paper's idea: < 1)")

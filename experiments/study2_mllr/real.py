@@ -193,10 +193,9 @@ def run(cfg: RealStudy2Config, out: str) -> dict[str, Any]:
         res = robustness.gaussian_robustness(params, config, probe, data["test"], layer, modules=r.modules,
                                              eps=r.eps, seed=cfg.seed, chunk=r.chunk, batch_size=p.batch_size)
         order = robustness.robustness_order(res, r.modules)
-        chosen, accs = robustness.proxy_guided_search(params, config, probe, data["test"], layer, order,
-                                                      min_accuracy=r.min_accuracy, eps=r.eps, seed=cfg.seed,
-                                                      stop_at_first_failure=r.stop_at_first_failure,
-                                                      batch_size=p.batch_size)
+        chosen, accs = robustness.proxy_guided_search(
+            params, config, probe, data["test"], layer, order, min_accuracy=res["base_accuracy"] - r.max_drop,
+            eps=r.eps, seed=cfg.seed, stop_at_first_failure=r.stop_at_first_failure, batch_size=p.batch_size)
         return {**res, "modules": r.modules, "order": order, "mods_robust": chosen, "search_accuracy": accs}
 
     rob = st.json("robustness", rob_key, robustness_map)

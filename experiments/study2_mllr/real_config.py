@@ -47,12 +47,13 @@ class RealProbe:
 @dataclasses.dataclass(frozen=True)
 class RealRobustness:
     """Gaussian perturbations of relative size ``eps`` on every (module, layer) of ``modules``, ``chunk`` layers
-    vmapped at once (1: one stacked weight copy at a time); the search threshold ``min_accuracy``."""
+    vmapped at once (1: one stacked weight copy at a time); the search keeps the probe accuracy ≥ the unperturbed
+    accuracy − ``max_drop``."""
 
     eps: float = 0.2
     modules: list[str] = dataclasses.field(default_factory=lambda: list(LINEAR_MODULES))
     chunk: int = 1
-    min_accuracy: float = 0.9
+    max_drop: float = 0.05
     stop_at_first_failure: bool = True
 
 
@@ -147,7 +148,7 @@ def validate(cfg: RealStudy2Config) -> None:
     r = cfg.robustness
     _check("robustness.eps", r.eps, lambda v: v > 0, "a positive number")
     _check("robustness.chunk", r.chunk, lambda v: isinstance(v, int) and v >= 1, "a whole number ≥ 1")
-    _check("robustness.min_accuracy", r.min_accuracy, lambda v: 0 <= v <= 1, "a fraction in [0, 1]")
+    _check("robustness.max_drop", r.max_drop, lambda v: 0 <= v <= 1, "a fraction in [0, 1] of probe accuracy")
     if not isinstance(r.modules, list) or not r.modules or any(m not in LINEAR_MODULES for m in r.modules):
         _fail("robustness.modules", r.modules, f"a non-empty list from {', '.join(LINEAR_MODULES)}")
     b = cfg.benign

@@ -72,13 +72,15 @@ def write(out_dir: str, cfg: Any, metrics: dict[str, Any]) -> None:
         label = "_Not decided:_" if c["holds"] is None else "_Reading:_"
         rep.text(f"**{c['statement']} — {c['verdict']}.** {c['evidence']} {label} {c['reading']}")
     p, r = metrics["probe"], cfg.robustness
+    threshold = 100 * (metrics["robustness"]["base_accuracy"] - r.max_drop)
     rep.section("Probe and robustness",
                 f"Probe at layer {p['layer']} (residual stream after the block, at `>`): test accuracy "
                 f"{100 * p['accuracy']:.1f} %, margin {p['margin']:.2f}. Perturbation: {r.perturbation}"
                 + (f" (ε = {r.eps:g} relative Frobenius)" if r.perturbation == "gaussian" else
                    f" ({r.finetune_steps} steps at lr {r.finetune_lr:g})")
-                + f"; search threshold: probe accuracy ≥ {100 * r.min_accuracy:.0f} % with every chosen module "
-                f"perturbed (Gaussian, ε = {r.eps:g}).")
+                + f"; search threshold: probe accuracy ≥ {threshold:.1f}"
+                f" % (unperturbed − {100 * r.max_drop:g} points) with every chosen module perturbed (Gaussian, "
+                f"ε = {r.eps:g}).")
     rep.plot("robustness_heatmap", heatmap(metrics), caption="Accuracy and margin drop per (module type, layer)")
     mods = metrics["robustness"]["mods_robust"]
     rep.text(f"**Mods_Robust** ({len(mods)} of {len(r.modules) * metrics['num_layers']} modules, in the order the "

@@ -143,8 +143,8 @@ def robustness_stage(w: World2, st: Stages, aligned: Params, probe: probes.Probe
                                                  batch_size=w.cfg.eval.batch_size)
         order = robustness.robustness_order(res, r.modules)
         chosen, accs = robustness.proxy_guided_search(
-            aligned, w.mcfg, probe, data, layer, order, min_accuracy=r.min_accuracy, eps=r.eps, seed=w.cfg.seed,
-            stop_at_first_failure=r.stop_at_first_failure, batch_size=w.cfg.eval.batch_size)
+            aligned, w.mcfg, probe, data, layer, order, min_accuracy=res["base_accuracy"] - r.max_drop, eps=r.eps,
+            seed=w.cfg.seed, stop_at_first_failure=r.stop_at_first_failure, batch_size=w.cfg.eval.batch_size)
         return {**res, "modules": r.modules, "order": order, "mods_robust": chosen, "search_accuracy": accs}
 
     return st.json("study2_robustness", key, compute)
