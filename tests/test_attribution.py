@@ -11,7 +11,7 @@ from safety_jax.model.llama import forward, init_params
 
 
 @pytest.fixture(scope="module")
-def tiny():
+def tiny(fast_compiles):
     cfg = get_preset("tiny", num_hidden_layers=3)
     params = init_params(cfg, jax.random.key(0), initializer_range=0.1)
     tokens = jax.random.randint(jax.random.key(1), (3, 7), 1, cfg.vocab_size)

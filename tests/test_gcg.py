@@ -11,7 +11,7 @@ from safety_jax.model.llama import init_params
 
 
 @pytest.fixture(scope="module")
-def setup():
+def setup(fast_compiles):
     cfg = get_preset("tiny", num_hidden_layers=2, vocab_size=64)
     params = init_params(cfg, jax.random.key(0), initializer_range=0.1)
     rng = np.random.default_rng(0)

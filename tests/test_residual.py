@@ -100,7 +100,7 @@ def test_difference_in_means_is_float64_mean_difference():
                                rtol=1e-12)
 
 
-def test_weight_orthogonalisation_equals_activation_ablation():
+def test_weight_orthogonalisation_equals_activation_ablation(fast_compiles):
     cfg = get_preset("tiny", tie_word_embeddings=False)
     params = init_params(cfg, jax.random.key(0))
     tokens = jax.random.randint(jax.random.key(1), (2, 9), 0, cfg.vocab_size)

@@ -6,7 +6,7 @@ projection f = ⟨h_ℓ[last], v⟩ (``analysis.attribution``); the most relevan
 to a *rewriter*, which returns candidate rows; the candidate with the lowest f replaces the row. The reference
 rewrites with a 70B language model; here a rewriter is any callable
 
-    rewriter(tokens [T], mask [T], editable [T] bool, position) -> list of (tokens, mask, editable) rows of length T
+    rewriter(tokens [T], mask [T], editable [T] bool, position, row) -> list of (tokens, mask, editable) of length T
 
 with :func:`deletion` (drop the token, left-pad) and :func:`substitution` (each token of a vocabulary in its place)
 built in; a rewriting model fits the same signature (decode, rewrite, re-encode, left-pad).
@@ -28,12 +28,12 @@ from safety_jax.model.config import LlamaConfig
 from safety_jax.model.llama import Params
 
 Row = tuple[np.ndarray, np.ndarray, np.ndarray]  # tokens [T], mask [T], editable [T] bool
-Rewriter = Callable[[np.ndarray, np.ndarray, np.ndarray, int], Sequence[Row]]
+Rewriter = Callable[[np.ndarray, np.ndarray, np.ndarray, int, int], Sequence[Row]]  # ..., position, row index
 
 
 def deletion(pad_id: int) -> Rewriter:
     """Remove the token at ``position``; the tokens before it move one slot right and a pad enters on the left."""
-    def rewrite(tokens: np.ndarray, mask: np.ndarray, editable: np.ndarray, position: int) -> list[Row]:
+    def rewrite(tokens: np.ndarray, mask: np.ndarray, editable: np.ndarray, position: int, row: int) -> list[Row]:
         def drop(x: np.ndarray, fill: Any) -> np.ndarray:
             return np.concatenate([np.array([fill], x.dtype), x[:position], x[position + 1:]])
         return [(drop(tokens, pad_id), drop(mask, 0), drop(editable, False))]
@@ -44,7 +44,7 @@ def substitution(vocabulary: Sequence[int]) -> Rewriter:
     """Put each token of ``vocabulary`` (other than the current one) at ``position``."""
     vocab = np.asarray(vocabulary, np.int64)
 
-    def rewrite(tokens: np.ndarray, mask: np.ndarray, editable: np.ndarray, position: int) -> list[Row]:
+    def rewrite(tokens: np.ndarray, mask: np.ndarray, editable: np.ndarray, position: int, row: int) -> list[Row]:
         out = []
         for v in vocab[vocab != tokens[position]]:
             t = tokens.copy()
@@ -101,7 +101,7 @@ def trigger_removal(params: Params, config: LlamaConfig, tokens: Any, mask: Any,
             pos = int(np.argmax(rel[i]))
             marked = touched[i].copy()
             marked[pos] = True
-            for t, m, e in rewriter(tokens[i], mask[i], editable[i] & ~marked, pos):
+            for t, m, e in rewriter(tokens[i], mask[i], editable[i] & ~marked, pos, int(i)):
                 if len(t) != tokens.shape[1]:
                     raise ValueError(f"rewriter returned a row of length {len(t)}; rows must keep length "
                                      f"{tokens.shape[1]} (left-pad or truncate on the left)")

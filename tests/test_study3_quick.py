@@ -1,0 +1,77 @@
+"""Study 3's synthetic pipeline end to end on the quick config: outputs, claims in the report, the analyses' shapes,
+study 1's stages shared (not copied), a rerun that runs no stage; and the config's validation."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from experiments.study1_mechanics import run as study1
+from experiments.study3_residual import run as study3
+from experiments.study3_residual.config import load_config
+from safety_jax.errors import ConfigError
+from safety_jax.stages import Stages
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory, fast_compiles):
+    out = str(tmp_path_factory.mktemp("study3"))
+    return out, study3.run(load_config("quick"), out)
+
+
+def test_quick_run_writes_report_plots_claims_and_metrics(quick):
+    out, metrics = quick
+    folder = os.path.join(out, study3.STUDY)
+    for name in ("report.md", "metrics.json", "config.yaml", "accuracy_per_layer.png", "effective_rank.png",
+                 "spectra.png", "activation_norms.png", "attribution_heatmap.png", "intervention.png"):
+        assert os.path.getsize(os.path.join(folder, name)) > 0, name
+    report = open(os.path.join(folder, "report.md")).read()
+    assert {c["key"] for c in metrics["claims"]} == {"low_rank", "dominant_predicts_late", "intervention_monotone",
+                                                     "exposure_helps", "trigger_hardest"}
+    for c in metrics["claims"]:
+        assert c["verdict"] in report and c["statement"] in report
+    assert json.load(open(os.path.join(folder, "metrics.json")))["claims"] == json.loads(json.dumps(metrics["claims"]))
+
+
+def test_analyses_have_the_configured_shapes(quick):
+    _, metrics = quick
+    cfg = load_config("quick")
+    n_layers = cfg.study1_config().model.overrides["num_hidden_layers"]
+    assert list(metrics["pairs"]) == ["pretrained->ssft@eta_M", "pretrained->dpo@eta_M"]
+    for r in metrics["pairs"].values():
+        share = np.asarray(r["share"])
+        assert share.shape[0] == n_layers and np.all(np.diff(share, axis=1) <= 1e-6)
+        assert np.asarray(r["effective_rank"]).shape == (n_layers, len(cfg.shift.thresholds))
+        assert len(r["dominant_acc"]) == len(r["random_acc_q95"]) == n_layers
+        assert r["n"] == 7 * cfg.eval.n_per_set
+    assert [row["alpha"] for row in metrics["intervention"]] == cfg.intervention.alphas
+    assert [row["count"] for row in metrics["exposure"]] == cfg.exposure.counts
+    for row in metrics["exposure"]:
+        assert set(cfg.exposure.families) <= set(row) and row["gcg"]["n"] == cfg.eval.n_test
+    assert np.asarray(metrics["attribution"]["heat"]).shape == (n_layers, cfg.attribution.components)
+
+
+def test_study1_stages_are_shared_and_a_rerun_runs_nothing(quick):
+    out, metrics = quick
+    cfg1 = load_config("quick").study1_config()
+    s1 = study1.study1_models(cfg1, Stages(out), ["ssft@eta_M", "dpo@eta_M"])
+    st = Stages(out)
+    assert st.is_done("pretrain", s1.pre_key) and st.is_done("finetune_ssft@eta_M", s1.keys["ssft@eta_M"])
+    again = study3.run(load_config("quick"), out)
+    assert again["ran_stages"] == [] and again["claims"] == metrics["claims"]
+
+
+def test_config_errors_name_the_field():
+    for override, field in (("shift.variant=affine", "shift.variant"), ("exposure.counts=[0, 0]", "exposure.counts"),
+                            ("shift.pairs=[[ssft@eta_M, pretrained]]", "shift.pairs"),
+                            ("exposure.families=[pair]", "exposure.families"), ("intervention.alphas=[-1]",
+                                                                                  "intervention.alphas")):
+        with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+            load_config("quick", [override])
+    with pytest.raises(ConfigError, match="unknown key"):
+        load_config("quick", ["attack.suffix=3"])
+    for name in ("quick", "demo"):
+        assert load_config(name).name == name
