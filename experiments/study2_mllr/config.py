@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from experiments.study1_mechanics import config as study1_config
+from safety_jax.configs import build
 from safety_jax.errors import ConfigError
 from safety_jax.model.llama import LINEAR_MODULES
 
@@ -186,21 +187,6 @@ def validate(cfg: Study2Config) -> None:
         _fail("study1_overrides", cfg.study1_overrides, "a list of 'section.key=value' strings")
 
 
-SECTIONS = {"probe": ProbeSpec, "robustness": RobustnessSpec, "plan": PlanSpec, "benign": BenignSpec,
-            "eval": EvalSpec}
-
-
-def _build(cls: type, data: Any, where: str) -> Any:
-    if not isinstance(data, dict):
-        raise ConfigError(f"config {where or 'top level'}: expected a mapping, got {data!r}")
-    fields = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - fields)
-    if unknown:
-        raise ConfigError(f"config {where or 'top level'}: unknown key(s) {unknown}; known: {sorted(fields)}")
-    kwargs = {k: _build(SECTIONS[k], v, k) if cls is Study2Config and k in SECTIONS else v for k, v in data.items()}
-    return cls(**kwargs)
-
-
 def load_config(name_or_path: str, overrides: Sequence[str] = ()) -> Study2Config:
     """Read a YAML config (a shipped name or a path) and apply ``key.sub=value`` overrides."""
-    return _build(Study2Config, study1_config.read_config(name_or_path, overrides, HERE), "")
+    return build(Study2Config, study1_config.read_config(name_or_path, overrides, HERE), name_or_path)

@@ -16,6 +16,7 @@ from typing import Any
 
 from experiments.study1_mechanics.config import read_config
 from experiments.study2_mllr.config import HERE, PLANS, SCHEDULES
+from safety_jax.configs import build
 from safety_jax.errors import ConfigError
 from safety_jax.model.llama import LINEAR_MODULES
 
@@ -170,20 +171,6 @@ def validate(cfg: RealStudy2Config) -> None:
         _fail("eval.judge", e.judge, "a refusal list name (GCG-29, JBB-13) or a moderation judge folder")
 
 
-SECTIONS = {"probe": RealProbe, "robustness": RealRobustness, "benign": RealBenign, "eval": RealEval}
-
-
-def _build(cls: type, data: Any, where: str) -> Any:
-    if not isinstance(data, dict):
-        raise ConfigError(f"config {where or 'top level'}: expected a mapping, got {data!r}")
-    fields = {f.name for f in dataclasses.fields(cls)}
-    if unknown := sorted(set(data) - fields):
-        raise ConfigError(f"config {where or 'top level'}: unknown key(s) {unknown}; known: {sorted(fields)}")
-    kwargs = {k: _build(SECTIONS[k], v, k) if cls is RealStudy2Config and k in SECTIONS else v
-              for k, v in data.items()}
-    return cls(**kwargs)
-
-
 def load_real_config(name_or_path: str, overrides: Sequence[str] = ()) -> RealStudy2Config:
     """Read a real-model YAML config (a shipped name or a path) and apply ``key.sub=value`` overrides."""
-    return _build(RealStudy2Config, read_config(name_or_path, overrides, HERE), "")
+    return build(RealStudy2Config, read_config(name_or_path, overrides, HERE), name_or_path)
