@@ -22,6 +22,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 JAILBREAKS = tuple(k for k in SAFETY_KINDS if k.startswith("jb_"))
 ATTACKS = (*JAILBREAKS, "trigger_removal", "gcg")
 STARTS = ("pretrained", "aligned")
+INTERVENTION_MODES = ("add", "project")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,10 +60,13 @@ class AttributionSpec:
 
 @dataclasses.dataclass(frozen=True)
 class InterventionSpec:
-    """Subtract α · σ₀ · v₀ (v₀ each layer's dominant component of the first pair, σ₀ the RMS of the shift along it)
-    from the last-token state after every block during generation, for every α of ``alphas``; ``n`` inputs per set."""
+    """``mode`` "add": subtract α · σ₀ · v₀ (v₀ each layer's dominant component of the first pair, σ₀ the RMS of the
+    shift along it) from the last-token state after every block during generation, for every α of ``alphas``;
+    "project": subtract only the state's projection on v₀ (directional ablation at those states; α > 0 switches it
+    on, its size is not used). ``n`` inputs per set."""
 
     alphas: list[float] = dataclasses.field(default_factory=lambda: [0.0, 0.5, 1.0, 2.0, 4.0])
+    mode: str = "add"
     n: int = 64
 
 
@@ -179,6 +183,8 @@ def validate(cfg: Study3Config) -> None:
     if not iv.alphas or any(isinstance(x, bool) or not isinstance(x, int | float) or x < 0 for x in iv.alphas):
         _fail("intervention.alphas", iv.alphas, "a non-empty list of numbers ≥ 0 (0 = no intervention)")
     _whole("intervention.n", iv.n)
+    if iv.mode not in INTERVENTION_MODES:
+        _fail("intervention.mode", iv.mode, f"choose from {', '.join(INTERVENTION_MODES)}")
     at = cfg.attack
     _whole("attack.trigger_rounds", at.trigger_rounds)
     for name in ("gcg_suffix", "gcg_steps", "gcg_top_k", "gcg_candidates"):

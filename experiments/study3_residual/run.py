@@ -177,7 +177,7 @@ def intervention_stage(c: Ctx, res: dict[str, Any]) -> list[dict[str, Any]]:
     rows = []
     for alpha in iv.alphas:
         v = syn.verdicts(params, c.mcfg, merged, prompts, mask, batch_size=c.batch(),
-                         interventions=syn.dominant_intervention(dirs, scale, alpha) if alpha else ())
+                         interventions=syn.dominant_intervention(dirs, scale, alpha, iv.mode) if alpha else ())
         row: dict[str, Any] = {"alpha": alpha}
         for i, kind in enumerate(kinds):
             part = v[bounds[i]:bounds[i + 1]]
@@ -185,7 +185,7 @@ def intervention_stage(c: Ctx, res: dict[str, Any]) -> list[dict[str, Any]]:
             row[f"{kind}_harmful_k"] = int((part == HARMFUL).sum())
             row[f"{kind}_n"] = len(part)
         row["benign_ppl"] = syn.benign_perplexity(params, c.mcfg, small["safe"], dirs, scale, alpha,
-                                                  batch_size=c.batch())
+                                                  batch_size=c.batch(), mode=iv.mode)
         rows.append(row)
     return rows
 

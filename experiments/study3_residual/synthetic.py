@@ -183,12 +183,14 @@ def concat_sft(parts: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     return {k: np.concatenate([p[k] for p in parts]).astype(np.int32) for k in ("tokens", "loss_mask")}
 
 
-def dominant_intervention(directions: np.ndarray, scale: np.ndarray, alpha: float) -> tuple[Intervention, ...]:
-    """Subtract α · scale_ℓ · v_ℓ from the last-token state after every block ℓ during generation: the last prompt
-    token in the prefill and each generated token as it is decoded (directions [L, D] unit, scale [L])."""
+def dominant_intervention(directions: np.ndarray, scale: np.ndarray, alpha: float, mode: str = "add"
+                          ) -> tuple[Intervention, ...]:
+    """Subtract α · scale_ℓ · v_ℓ (``mode="add"``) or the projection on v_ℓ (``"project"``) from the last-token
+    state after every block ℓ during generation: the last prompt token in the prefill and each generated token as it
+    is decoded (directions [L, D] unit, scale [L])."""
     num_layers = directions.shape[0]
-    coeff = -alpha * np.asarray(scale, np.float32)
-    return tuple(make_intervention("add", jnp.asarray(directions), num_layers, site="resid_post", coeff=coeff,
+    kind, coeff = ("add", -alpha * np.asarray(scale, np.float32)) if mode == "add" else ("project_out", 1.0)
+    return tuple(make_intervention(kind, jnp.asarray(directions), num_layers, site="resid_post", coeff=coeff,
                                    positions=sel) for sel in ("last_prompt", "generated"))
 
 
@@ -201,11 +203,13 @@ def _nll(params: Params, tokens: jax.Array, loss_mask: jax.Array, interventions:
 
 
 def benign_perplexity(params: Params, mcfg: LlamaConfig, batch: SyntheticBatch, directions: np.ndarray,
-                      scale: np.ndarray, alpha: float, *, batch_size: int) -> float:
+                      scale: np.ndarray, alpha: float, *, batch_size: int, mode: str = "add") -> float:
     """Perplexity of the true transformations of safe inputs (teacher-forced, output tokens) with α · scale_ℓ · v_ℓ
     subtracted from every position's state after every block — each position is the last token when it is fed."""
-    ivs = (make_intervention("add", jnp.asarray(directions), directions.shape[0], site="resid_post",
-                             coeff=-alpha * np.asarray(scale, np.float32)),)
+    kind, coeff = ("add", -alpha * np.asarray(scale, np.float32)) if mode == "add" else ("project_out", 1.0)
+    ivs = (make_intervention(kind, jnp.asarray(directions), directions.shape[0], site="resid_post", coeff=coeff),)
+    if not alpha:
+        ivs = ()
     nll, count = map_batches(lambda t, m: _nll(params, t, m, ivs, config=mcfg), batch.transform, batch.loss_mask,
                              batch_size=batch_size)
     return float(np.exp(nll.sum() / max(count.sum(), 1)))
