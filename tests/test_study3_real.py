@@ -68,7 +68,7 @@ def overrides(folders) -> list[str]:
             f"sets={{strongreject: {{spec: strongreject, data_files: {folders['strongreject']}}}, "
             f"orbench: {{spec: 'orbench:hard-1k', data_files: {folders['orbench']}}}}}",
             "harmful=[strongreject]", "benign=[orbench]", "shift.top=8", "shift.n_random=8", "probe.steps=10",
-            "min_n=4"]
+            "min_n=4", "intervention.alphas=[0, 1]", "intervention.n=4"]
 
 
 @pytest.fixture(scope="module")
@@ -81,13 +81,17 @@ def real_run(folders, tmp_path_factory, fast_compiles):
 def test_real_pipeline_runs_every_stage_and_writes_the_report(real_run):
     cfg, out, metrics = real_run
     for name in ("report.md", "metrics.json", "accuracy_per_layer.png", "effective_rank.png",
-                 "train_ssft/model/config.json", "states_base/states.npy", "answers_given/result.json"):
+                 "train_ssft/model/config.json", "states_base/states.npy", "answers_given/result.json",
+                 "intervention_ssft/result.json"):
         assert os.path.exists(os.path.join(out, name)), name
     assert set(metrics["pairs"]) == {"base->ssft", "base->given"}
     for r in metrics["pairs"].values():
         assert r["n"] == len(HARMFUL) + len(BENIGN) and np.asarray(r["share"]).shape[0] == 2
         assert len(r["dominant_acc"]) == 2
     assert {c["key"] for c in metrics["claims"]} == {"low_rank", "dominant_predicts_late"}
+    for rows in metrics["intervention"].values():
+        assert [r["alpha"] for r in rows] == [0, 1] and all(r["harmful_n"] == 4 for r in rows)
+        assert all(np.isfinite(r["benign_ppl"]) for r in rows)
     report = open(os.path.join(out, "report.md")).read()
     assert all(c["verdict"] in report for c in metrics["claims"])
     again = run(cfg, out)
@@ -99,6 +103,7 @@ def test_shipped_real_config_loads_and_bad_values_name_their_field(folders):
     assert set(cfg.tuned) == {"ssft", "dpo"} and cfg.run_config("dpo", "x").method == "dpo"
     for override, field in (("judge=GCG-30", "judge"), ("benign=[strongreject]", "benign"),
                             ("tuned={x: {path: a, train: {method: sft}}}", "tuned.x"),
-                            ("shift.variant=affine", "shift.variant"), ("max_chars=0", "max_chars")):
+                            ("shift.variant=affine", "shift.variant"), ("max_chars=0", "max_chars"),
+                            ("intervention.mode=scale", "intervention.mode")):
         with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
             load_real_config("real_llama3", [override])

@@ -18,6 +18,7 @@ import logging
 import os
 import sys
 import time
+from functools import partial
 from typing import Any
 
 if __package__ in (None, ""):  # run as a script: make the repository root importable
@@ -33,16 +34,22 @@ from experiments.study1_mechanics.real import Checkpoint, encode, last_token_fea
 from experiments.study3_residual import claims as claims_lib
 from experiments.study3_residual import report as report_lib
 from experiments.study3_residual.real_config import Study3RealConfig, load_real_config
+from experiments.study3_residual.synthetic import dominant_intervention
 from safety_jax.analysis import probes, residual
+from safety_jax.analysis.activations import map_batches
 from safety_jax.data.benchmarks import EvalExample, load_benchmark
 from safety_jax.errors import ConfigError
 from safety_jax.eval.judges import SubstringJudge
-from safety_jax.model.generate import generate_tokens, tokenizer_stop_ids
+from safety_jax.model.config import LlamaConfig
+from safety_jax.model.generate import generate_tokens, left_pad, length_bucket, tokenizer_stop_ids
+from safety_jax.model.interventions import Intervention, make_intervention
+from safety_jax.model.llama import Params, forward
 from safety_jax.model.sharding import use_activation_sharding
 from safety_jax.parallel import activation_constraint, make_mesh
 from safety_jax.report import Report
 from safety_jax.stages import Stages
 from safety_jax.train import run as train_run
+from safety_jax.train.losses import sequence_logps
 
 log = logging.getLogger("study3.real")
 STATES = "states.npy"
@@ -77,7 +84,52 @@ def answers_stage(cfg: Study3RealConfig, ckpt: Checkpoint, tokenizer: Any, promp
                           eos_token_ids=tokenizer_stop_ids(config, tokenizer),
                           activation_sharding=ckpt.activation_sharding)
     text = [tokenizer.decode(t, skip_special_tokens=True) for t in new]
-    return {"text": text, "refused": SubstringJudge.named(cfg.judge).refused(text).astype(int).tolist()}
+    return {"text": text, "new_tokens": [list(map(int, t)) for t in new],
+            "refused": SubstringJudge.named(cfg.judge).refused(text).astype(int).tolist()}
+
+
+@partial(jax.jit, static_argnames=("config",))
+def _answer_nll(params: Params, tokens: jax.Array, mask: jax.Array, loss_mask: jax.Array,
+                interventions: tuple[Intervention, ...], *, config: LlamaConfig) -> tuple[jax.Array, jax.Array]:
+    hidden = forward(params, tokens, config, attention_mask=mask, interventions=interventions, return_hidden=True)
+    s = sequence_logps(params, hidden, tokens, loss_mask, config)
+    return -s.logps, s.counts
+
+
+def intervention_stage(cfg: Study3RealConfig, ckpt: Checkpoint, tokenizer: Any, prompts: list[list[int]],
+                       harmful: np.ndarray, pair: dict[str, Any], answers: dict[str, Any]) -> list[dict[str, Any]]:
+    """Refusal of the first ``n`` harmful and benign prompts and the perplexity of the model's own α = 0 answers to
+    the benign ones, with the dominant component subtracted after every block (the synthetic study's sweep)."""
+    config, params = ckpt.load()
+    iv = cfg.intervention
+    dirs, scale = np.asarray(pair["directions"]), np.asarray(pair["sigma"])
+    judge = SubstringJudge.named(cfg.judge)
+    idx = {k: np.flatnonzero(harmful == v)[: iv.n] for k, v in (("harmful", 1), ("benign", 0))}
+    seqs = [prompts[i] + answers["new_tokens"][i] for i in idx["benign"]]
+    tokens, mask = left_pad(seqs, int(tokenizer.pad_token_id), length_bucket(max(map(len, seqs)),
+                                                                             config.max_position_embeddings))
+    answer_len = np.asarray([len(answers["new_tokens"][i]) for i in idx["benign"]])
+    loss_mask = (np.arange(tokens.shape[1])[None, :] >= tokens.shape[1] - answer_len[:, None]).astype(np.int32)
+    rows = []
+    for alpha in iv.alphas:
+        ivs = dominant_intervention(dirs, scale, alpha, iv.mode) if alpha else ()
+        row: dict[str, Any] = {"alpha": alpha}
+        for name, rows_idx in idx.items():
+            new = generate_tokens(params, config, [prompts[i] for i in rows_idx],
+                                  pad_token_id=int(tokenizer.pad_token_id), batch_size=cfg.batch_size,
+                                  max_new_tokens=cfg.max_new_tokens, temperature=0.0, interventions=ivs,
+                                  eos_token_ids=tokenizer_stop_ids(config, tokenizer),
+                                  activation_sharding=ckpt.activation_sharding)
+            text = [tokenizer.decode(t, skip_special_tokens=True) for t in new]
+            row[f"{name}_refused_k"], row[f"{name}_n"] = int(judge.refused(text).sum()), len(text)
+        kind, coeff = ("add", -alpha * scale) if iv.mode == "add" else ("project_out", 1.0)
+        every = (make_intervention(kind, jnp.asarray(dirs), dirs.shape[0], site="resid_post", coeff=coeff),
+                 ) if alpha else ()
+        nll, count = map_batches(lambda t, m, lm: _answer_nll(params, t, m, lm, every, config=config),
+                                 tokens, mask, loss_mask, batch_size=cfg.batch_size)
+        row["benign_ppl"] = float(np.exp(nll.sum() / max(count.sum(), 1)))
+        rows.append(row)
+    return rows
 
 
 def analyse(cfg: Study3RealConfig, x: np.ndarray, y: np.ndarray, refused: np.ndarray, before: str, after: str
@@ -98,6 +150,7 @@ def analyse(cfg: Study3RealConfig, x: np.ndarray, y: np.ndarray, refused: np.nda
         "dominant_acc_before": residual.refusal_prediction(x, comp.directions, refused, top=1)["dominant"],
         "random_acc_mean": rand_acc.mean(-1), "random_acc_q95": np.quantile(rand_acc, 0.95, axis=-1),
         "random_best_of_n": rand_acc[:, :k].max(-1), "best_of": k,
+        "directions": np.asarray(comp.directions[:, 0]), "sigma": np.asarray(comp.singular_values[:, 0]) / np.sqrt(n),
         "noise_top_share": float(residual.shift_components(
             jax.random.normal(jax.random.key(cfg.seed + 1), (1, n, d))).share[0, 0]),
     }
@@ -135,7 +188,7 @@ def run(cfg: Study3RealConfig, out: str) -> dict[str, Any]:
                                               tokenizer=cfg.base.tokenizer or cfg.base.path)
         else:
             keys[name], specs[name] = {"path": t.path}, dataclasses.replace(cfg.base, path=t.path)
-    states, refused = {}, {}
+    states, refused, answers = {}, {}, {}
     for role, spec in specs.items():
         ckpt = Checkpoint(role, spec, cfg.dtype, mesh, cfg.strategy, constraint)
         folder = os.path.join(out, f"states_{role}")
@@ -146,11 +199,22 @@ def run(cfg: Study3RealConfig, out: str) -> dict[str, Any]:
             ans = st.json(f"answers_{role}", {**data_key, "model": keys[role], "judge": cfg.judge,
                                               "max_new_tokens": cfg.max_new_tokens},
                           lambda ck=ckpt: answers_stage(cfg, ck, tokenizer, prompts))
-            refused[role] = np.asarray(ans["refused"], bool)
+            refused[role], answers[role] = np.asarray(ans["refused"], bool), ans
         ckpt.release()
     pairs = {f"base->{name}": analyse(cfg, states["base"], states[name], refused[name], "base", name)
              for name in cfg.tuned}
-    metrics: dict[str, Any] = {"pairs": pairs, "min_n": cfg.min_n, "n_harmful": int(harmful.sum()),
+    sweeps = {}
+    if cfg.intervention.alphas:
+        for name in cfg.tuned:
+            ckpt = Checkpoint(name, specs[name], cfg.dtype, mesh, cfg.strategy, constraint)
+            key = {**data_key, "models": [keys["base"], keys[name]], "judge": cfg.judge,
+                   "max_new_tokens": cfg.max_new_tokens, "shift": c["shift"], "intervention": c["intervention"]}
+            sweeps[name] = st.json(f"intervention_{name}", key, lambda ck=ckpt, n=name: intervention_stage(
+                cfg, ck, tokenizer, prompts, harmful, pairs[f"base->{n}"], answers[n]))
+            ckpt.release()
+    metrics: dict[str, Any] = {"pairs": {k: {f: v for f, v in r.items() if f != "directions"}
+                                         for k, r in pairs.items()},
+                               "intervention": sweeps, "min_n": cfg.min_n, "n_harmful": int(harmful.sum()),
                                "n_benign": int((1 - harmful).sum()),
                                "refusal_by_class": {name: {"harmful": float(r[harmful == 1].mean()),
                                                            "benign": float(r[harmful == 0].mean())}
@@ -176,6 +240,10 @@ def write_report(out: str, cfg: Study3RealConfig, metrics: dict[str, Any]) -> No
     rep.section("Per layer")
     for name, r in metrics["pairs"].items():
         rep.table(report_lib.layer_rows(r), caption=f"{name} (N = {r['n']}, refusal rate {r['refusal_rate']:.2f})")
+    for name, rows in metrics["intervention"].items():
+        rep.table([{"α": r["alpha"], "harmful refused": r["harmful_refused_k"] / r["harmful_n"],
+                    "benign refused": r["benign_refused_k"] / r["benign_n"], "benign ppl": r["benign_ppl"]}
+                   for r in rows], caption=f"intervention on {name} ({cfg.intervention.mode})")
     rep.plot("accuracy_per_layer", report_lib.accuracy_figure(metrics["pairs"]))
     rep.plot("effective_rank", report_lib.rank_figure(metrics["pairs"]))
     rep.plot("spectra", report_lib.spectra_figure(metrics["pairs"]))

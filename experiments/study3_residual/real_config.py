@@ -16,7 +16,7 @@ from typing import Any
 
 from experiments.study1_mechanics.config import read_config
 from experiments.study1_mechanics.real_config import CheckpointSpec, PromptSetSpec, check_mesh_spec
-from experiments.study3_residual.config import ProbeSpec, ShiftSpec
+from experiments.study3_residual.config import INTERVENTION_MODES, InterventionSpec, ProbeSpec, ShiftSpec
 from safety_jax.analysis.residual import SHIFTS
 from safety_jax.errors import ConfigError
 from safety_jax.eval.judges import REFUSAL_LISTS
@@ -40,7 +40,9 @@ class Study3RealConfig:
     """``sets``: prompt sets by name, ``harmful`` / ``benign`` the names in each class; prompts are cut to
     ``max_chars`` characters (the reference: 256). Refusal labels: greedy answers (``max_new_tokens``) judged by the
     substring list ``judge``. ``shift``: as the synthetic study (its ``pairs`` are not read: each tuned model is
-    paired with the base)."""
+    paired with the base). ``intervention``: the α sweep of the synthetic study on the first ``n`` harmful and benign
+    prompts (refusal rates, and the perplexity of each model's own α = 0 answers to the benign ones); empty
+    ``alphas`` skips it."""
 
     name: str = "real"
     seed: int = 0
@@ -59,6 +61,7 @@ class Study3RealConfig:
     judge: str = "GCG-29"
     shift: ShiftSpec = dataclasses.field(default_factory=ShiftSpec)
     probe: ProbeSpec = dataclasses.field(default_factory=ProbeSpec)
+    intervention: InterventionSpec = dataclasses.field(default_factory=lambda: InterventionSpec(alphas=[]))
     min_n: int = 30
 
     def __post_init__(self) -> None:
@@ -113,6 +116,13 @@ def validate(cfg: Study3RealConfig) -> None:
         fail("strategy", cfg.strategy, f"choose one of {sorted(STRATEGY_RULES)}")
     if cfg.judge not in REFUSAL_LISTS:
         fail("judge", cfg.judge, f"a refusal list: {', '.join(REFUSAL_LISTS)}")
+    iv = cfg.intervention
+    if any(isinstance(a, bool) or not isinstance(a, int | float) or a < 0 for a in iv.alphas):
+        fail("intervention.alphas", iv.alphas, "a list of numbers ≥ 0 (0 = no intervention; empty = no sweep)")
+    if iv.mode not in INTERVENTION_MODES:
+        fail("intervention.mode", iv.mode, f"choose from {', '.join(INTERVENTION_MODES)}")
+    if isinstance(iv.n, bool) or not isinstance(iv.n, int) or iv.n < 1:
+        fail("intervention.n", iv.n, "a whole number ≥ 1")
     if cfg.shift.variant not in SHIFTS:
         fail("shift.variant", cfg.shift.variant, f"choose from {', '.join(SHIFTS)}")
 
@@ -123,7 +133,7 @@ def _build(data: Any) -> Study3RealConfig:
     fields = {f.name for f in dataclasses.fields(Study3RealConfig)}
     if unknown := sorted(set(data) - fields):
         raise ConfigError(f"config: unknown key(s) {unknown}; known: {sorted(fields)}")
-    sub = {"base": CheckpointSpec, "shift": ShiftSpec, "probe": ProbeSpec}
+    sub = {"base": CheckpointSpec, "shift": ShiftSpec, "probe": ProbeSpec, "intervention": InterventionSpec}
     kw: dict[str, Any] = {}
     for k, v in data.items():
         try:
