@@ -20,6 +20,8 @@ def layer_rows(r: Mapping[str, Any]) -> list[dict[str, Any]]:
         row.update({f"rank@{t:g}": int(er[layer, j]) for j, t in enumerate(r["thresholds"])})
         row.update({"dominant acc": r["dominant_acc"][layer], f"best-of-{r['best_of']} acc": r["best_acc"][layer],
                     "random q95": r["random_acc_q95"][layer]})
+        if "dim_acc" in r:
+            row.update({"diff-in-means acc": r["dim_acc"][layer], "cos(diff-in-means, v0)": r["dim_cosine"][layer]})
         if "probe_acc" in r:
             row.update({"probe acc (held out)": r["probe_acc"][layer], "|cos(probe, v0)|":
                         abs(r["probe_cosine"][layer])})
@@ -35,6 +37,8 @@ def accuracy_figure(pairs: Mapping[str, Any]) -> Any:
                  f"best of {r['best_of']}": (x, r["best_acc"]), "random q95": (x, r["random_acc_q95"])}
         if "probe_acc" in r:
             panel["probe"] = (x, r["probe_acc"])
+        if "dim_acc" in r:
+            panel["diff-in-means"] = (x, r["dim_acc"])
         panels[name] = panel
     return line_panels(panels, xlabel="layer", ylabel="accuracy", ncols=2, title="refusal prediction per layer")
 

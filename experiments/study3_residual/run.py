@@ -105,6 +105,12 @@ def residual_stage(c: Ctx, before: str, after: str) -> dict[str, Any]:
         "threshold": np.quantile(np.asarray(residual.component_scores(jnp.asarray(y), comp.directions[:, :1]))[:, 0],
                                  1.0 - labels.mean(), axis=-1),
     }
+    # the difference-in-means refusal direction (Arditi et al.; unsafe-labelled minus safe inputs, float64) and its
+    # agreement with the dominant component
+    dim = residual.difference_in_means(y[:, merged.is_unsafe], y[:, ~merged.is_unsafe])
+    out["dim_cosine"] = residual.cosine(dim, comp.directions[:, 0])
+    dim_unit = (dim / np.linalg.norm(dim, axis=-1, keepdims=True))[:, None].astype(np.float32)
+    out["dim_acc"] = residual.refusal_prediction(y, dim_unit, labels, top=1)["dominant"]
     # a null-shape baseline for the spectrum: the leading share of an isotropic Gaussian matrix of the same shape
     noise = jax.random.normal(jax.random.key(cfg.seed + 1), (1, n, d))
     out["noise_top_share"] = float(residual.shift_components(noise).share[0, 0])

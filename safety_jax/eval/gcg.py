@@ -101,7 +101,9 @@ def _one_hot_grad(params: Params, tokens: jax.Array, mask: jax.Array, target_mas
     base = jnp.take(embed, tokens, axis=0)
 
     def f(onehot: jax.Array) -> jax.Array:
-        e = jax.vmap(lambda x, p, o: x.at[p].set((o @ embed.astype(jnp.float32)).astype(x.dtype)))(base, slots, onehot)
+        # the matmul runs in the embedding's dtype (no float32 copy of a [V, D] table), accumulating in float32
+        rows = lambda o: jnp.einsum("sv,vd->sd", o.astype(embed.dtype), embed, preferred_element_type=jnp.float32)
+        e = jax.vmap(lambda x, p, o: x.at[p].set(rows(o).astype(x.dtype)))(base, slots, onehot)
         return _losses(params, e, tokens, mask, target_mask, config)
 
     onehot = jax.nn.one_hot(suffix, embed.shape[0], dtype=jnp.float32)
