@@ -45,6 +45,7 @@ from safety_jax.train.trainer import TrainConfig, train
 
 log = logging.getLogger("study3")
 STUDY = "study3_residual"
+RESIDUAL_FIELDS = 2  # bumped when residual_stage computes new fields, so finished stages are recomputed
 
 
 @dataclasses.dataclass
@@ -310,7 +311,8 @@ def run(cfg: Study3Config, out: str) -> dict[str, Any]:
     pairs = {}
     for before, after in cfg.shift.pairs:
         name = f"{before}->{after}"
-        key = {"models": [c.keys[before], c.keys[after]], "shift": d["shift"], "probe": d["probe"], **data_key}
+        key = {"models": [c.keys[before], c.keys[after]], "shift": d["shift"], "probe": d["probe"], **data_key,
+               "fields": RESIDUAL_FIELDS}
         pairs[name] = st.json(f"study3_residual_{before}-{after}", key,
                               lambda b=before, a=after: residual_stage(c, b, a))
     first = pairs[next(iter(pairs))]
