@@ -141,6 +141,7 @@ def gcg_suffixes(params: Params, mcfg: LlamaConfig, batch: SyntheticBatch, gcg: 
     mask = np.ones_like(tokens)
     allowed = suffix_vocabulary(mcfg.vocab_size)
     n = len(batch)
+    chunk = min(chunk, n)
     suffix, loss = [], []
     for s in range(0, n, chunk):
         idx = np.minimum(np.arange(s, s + chunk), n - 1)
