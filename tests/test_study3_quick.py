@@ -11,7 +11,10 @@ import pytest
 
 from experiments.study1_mechanics import run as study1
 from experiments.study3_residual import run as study3
+from experiments.study3_residual import synthetic
 from experiments.study3_residual.config import load_config
+from safety_jax.data.synthetic import build_world, get_world_config
+from safety_jax.data.synthetic_sets import safety_batch
 from safety_jax.errors import ConfigError
 from safety_jax.stages import Stages
 
@@ -75,3 +78,21 @@ def test_config_errors_name_the_field():
         load_config("quick", ["attack.suffix=3"])
     for name in ("quick", "demo"):
         assert load_config(name).name == name
+
+
+def test_with_ops_rebuilds_a_batch_and_the_rewriter_keeps_inputs_unsafe():
+    world = build_world(get_world_config("quick"))
+    batch = safety_batch(world, "unsafe", 32, 0, second_segment_refusal=0.3)
+    same = synthetic.with_ops(world, batch, batch.ops)
+    for field in ("tokens", "refusal", "transform", "refuse_seg", "is_unsafe"):
+        np.testing.assert_array_equal(getattr(same, field), getattr(batch, field), err_msg=field)
+    safe = safety_batch(world, "safe", 8, 1)
+    swapped = synthetic.with_ops(world, safe, batch.ops[:8][:, ::-1].copy())
+    want = [bool(world.unsafe[g, int(b != 0)][o].any()) for g, b, o in zip(safe.grammar, safe.branch, swapped.ops)]
+    assert swapped.is_unsafe.tolist() == want
+    prompts, mask = synthetic.left_padded_prompts(batch)
+    rewrite = synthetic.operator_rewriter(world, batch)
+    start = int(np.argmax(mask[0]))
+    for t, _, _ in rewrite(prompts[0], mask[0], np.zeros_like(mask[0], bool), start + 1, 0):
+        ops = t[start + 1:start + 1 + batch.ops.shape[1]]
+        assert world.unsafe[batch.grammar[0], int(batch.branch[0] != 0)][ops].any()

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from safety_jax.analysis.activations import collect_activations, map_batches
-from safety_jax.data.synthetic import LETTER0, N_LETTERS, N_OP_TOKENS, PAD, World, apply_ops
+from safety_jax.data.synthetic import LETTER0, N_LETTERS, N_OP_TOKENS, PAD, World, WorldError, apply_ops
 from safety_jax.data.synthetic_sets import (
     REFUSED,
     SyntheticBatch,
@@ -120,7 +120,8 @@ def trigger_attack(world: World, params: Params, mcfg: LlamaConfig, batch: Synth
                           batch_size=batch_size)
     ops = np.stack([res.tokens[i, start[i] + 1:start[i] + 1 + k] for i in range(len(batch))])
     attacked = with_ops(world, batch, ops)
-    assert attacked.is_unsafe.all(), "operator_rewriter keeps every input unsafe"
+    if not attacked.is_unsafe[batch.is_unsafe].all():
+        raise WorldError("trigger_attack: a rewrite made an unsafe input safe; operator_rewriter must prevent that")
     return attacked, {"edits": res.edits, "start": res.start, "end": res.end}
 
 
