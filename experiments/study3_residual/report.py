@@ -80,6 +80,8 @@ def heat_figure(attr: Mapping[str, Any]) -> Any:
     fig, ax = plt.subplots(figsize=(1.2 + 0.6 * heat.shape[1], 1.2 + 0.5 * max(heat.shape[0], 1)))
     lim = float(np.abs(heat).max()) or 1.0
     im = ax.imshow(heat, cmap="RdBu_r", vmin=-lim, vmax=lim, aspect="auto")
+    ax.set_xticks(range(heat.shape[1]))
+    ax.set_yticks(range(heat.shape[0]))
     ax.set_xlabel("component of the earlier layer")
     ax.set_ylabel("earlier layer")
     ax.set_title(f"promote (+) / suppress (−) of layer {attr['layer']}'s v₀")

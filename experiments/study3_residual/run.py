@@ -35,6 +35,7 @@ from experiments.study3_residual import claims, report
 from experiments.study3_residual import synthetic as syn
 from experiments.study3_residual.config import JAILBREAKS, Study3Config, load_config
 from safety_jax.analysis import attribution, probes, residual
+from safety_jax.data.synthetic import PAD
 from safety_jax.data.synthetic_sets import HARMFUL, SAFETY_KINDS, concat_batches, mixed_safety_batch, safety_batch
 from safety_jax.eval.gcg import GCGConfig
 from safety_jax.eval.synthetic_world import left_padded_prompts
@@ -139,8 +140,7 @@ def attribution_stage(c: Ctx, res: dict[str, Any]) -> dict[str, Any]:
     prompts, mask = left_padded_prompts(batch)
     v = jnp.asarray(res["directions"])
     ig, delta = attribution.integrated_gradients(params, jnp.asarray(prompts), jnp.asarray(mask), v[layer],
-                                                 config=c.mcfg, layer=layer, steps=a.ig_steps,
-                                                 baseline_token=int(prompts[0, 0]) if mask[0, 0] == 0 else 0)
+                                                 config=c.mcfg, layer=layer, steps=a.ig_steps, baseline_token=PAD)
     ig, delta = np.asarray(ig, np.float64), np.asarray(delta, np.float64)
     p = prompts.shape[1]
     start = p - (batch.gt_pos + 1)
@@ -317,7 +317,7 @@ def run(cfg: Study3Config, out: str) -> dict[str, Any]:
                               lambda b=before, a=after: residual_stage(c, b, a))
     first = pairs[next(iter(pairs))]
     first_key = {"models": [c.keys[first["before"]], c.keys[first["after"]]], "shift": d["shift"], **data_key}
-    attrib = st.json("study3_attribution", {**first_key, "attribution": d["attribution"]},
+    attrib = st.json("study3_attribution", {**first_key, "attribution": d["attribution"], "baseline_token": PAD},
                      lambda: attribution_stage(c, first))
     sweep = st.json("study3_intervention", {**first_key, "intervention": d["intervention"]},
                     lambda: intervention_stage(c, first))
