@@ -96,3 +96,13 @@ def test_with_ops_rebuilds_a_batch_and_the_rewriter_keeps_inputs_unsafe():
     for t, _, _ in rewrite(prompts[0], mask[0], np.zeros_like(mask[0], bool), start + 1, 0):
         ops = t[start + 1:start + 1 + batch.ops.shape[1]]
         assert world.unsafe[batch.grammar[0], int(batch.branch[0] != 0)][ops].any()
+
+
+def test_dominant_intervention_edits_the_last_token_after_every_block():
+    dirs, scale = np.eye(4, 8, dtype=np.float32), np.array([1.0, 2.0, 3.0, 4.0], np.float32)
+    add = synthetic.dominant_intervention(dirs, scale, 0.5)
+    assert [(iv.kind, iv.site, iv.tokens) for iv in add] == [("add", "resid_post", "last_prompt"),
+                                                             ("add", "resid_post", "generated")]
+    np.testing.assert_allclose(np.asarray(add[0].coeff), -0.5 * scale)
+    proj = synthetic.dominant_intervention(dirs, scale, 0.5, "project")
+    assert {iv.kind for iv in proj} == {"project_out"}
