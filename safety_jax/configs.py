@@ -146,8 +146,8 @@ def build(cls: type, data: Any, where: str = "config") -> Any:
     for key, value in data.items():
         hint = hints[key]
         sub = _dataclass_in(hint)
-        if sub is not None and value is not None:
-            value = build(sub, located.child(key), where)
+        if sub is not None and (value is not None or dataclasses.is_dataclass(hint)):
+            value = build(sub, located.child(key), where)  # a bare ``section:`` (null) is the defaults
         elif typing.get_origin(hint) is dict and dataclasses.is_dataclass(typing.get_args(hint)[1]):
             section = located.child(key)
             value = {str(k): build(typing.get_args(hint)[1], section.child(k), where) for k in section}

@@ -37,7 +37,7 @@ import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from safety_jax.configs import YamlDict, apply_overrides, build, read_yaml
+from safety_jax.configs import apply_overrides, build, read_yaml
 from safety_jax.errors import ConfigError
 from safety_jax.stages import fingerprint, write_atomic
 
@@ -116,10 +116,7 @@ class SweepSpec:
 
 def load_spec(path: str, overrides: Sequence[str] = ()) -> SweepSpec:
     """Read a sweep spec (YAML) with ``key=value`` overrides."""
-    data = apply_overrides(read_yaml(path), overrides)
-    if isinstance(data, YamlDict) and "resources" in data:
-        data["resources"] = build(Resources, data.child("resources"), path)
-    return build(SweepSpec, data, path)
+    return build(SweepSpec, apply_overrides(read_yaml(path), overrides), path)
 
 
 # ---------------------------------------------------------------------------------------------------- cells

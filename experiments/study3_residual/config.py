@@ -15,6 +15,7 @@ from typing import Any
 
 from experiments.study1_mechanics import config as study1_config
 from safety_jax.analysis.residual import SHIFTS
+from safety_jax.configs import build
 from safety_jax.data.synthetic_sets import SAFETY_KINDS
 from safety_jax.errors import ConfigError
 
@@ -206,21 +207,6 @@ def validate(cfg: Study3Config) -> None:
         _fail("study1_overrides", cfg.study1_overrides, "a list of 'section.key=value' strings")
 
 
-SECTIONS = {"shift": ShiftSpec, "probe": ProbeSpec, "attribution": AttributionSpec, "intervention": InterventionSpec,
-            "attack": AttackSpec, "exposure": ExposureSpec, "eval": EvalSpec}
-
-
-def _build(cls: type, data: Any, where: str) -> Any:
-    if not isinstance(data, dict):
-        raise ConfigError(f"config {where or 'top level'}: expected a mapping, got {data!r}")
-    fields = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - fields)
-    if unknown:
-        raise ConfigError(f"config {where or 'top level'}: unknown key(s) {unknown}; known: {sorted(fields)}")
-    kwargs = {k: _build(SECTIONS[k], v, k) if cls is Study3Config and k in SECTIONS else v for k, v in data.items()}
-    return cls(**kwargs)
-
-
 def load_config(name_or_path: str, overrides: Sequence[str] = ()) -> Study3Config:
     """Read a YAML config (a shipped name or a path) and apply ``key.sub=value`` overrides."""
-    return _build(Study3Config, study1_config.read_config(name_or_path, overrides, HERE), "")
+    return build(Study3Config, study1_config.read_config(name_or_path, overrides, HERE), name_or_path)

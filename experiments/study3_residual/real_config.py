@@ -18,6 +18,7 @@ from experiments.study1_mechanics.config import read_config
 from experiments.study1_mechanics.real_config import CheckpointSpec, PromptSetSpec, check_mesh_spec
 from experiments.study3_residual.config import INTERVENTION_MODES, InterventionSpec, ProbeSpec, ShiftSpec
 from safety_jax.analysis.residual import SHIFTS
+from safety_jax.configs import build
 from safety_jax.errors import ConfigError
 from safety_jax.eval.judges import REFUSAL_LISTS
 from safety_jax.model.config import DTYPES
@@ -127,29 +128,6 @@ def validate(cfg: Study3RealConfig) -> None:
         fail("shift.variant", cfg.shift.variant, f"choose from {', '.join(SHIFTS)}")
 
 
-def _build(data: Any) -> Study3RealConfig:
-    if not isinstance(data, dict):
-        raise ConfigError(f"config: expected a mapping, got {data!r}")
-    fields = {f.name for f in dataclasses.fields(Study3RealConfig)}
-    if unknown := sorted(set(data) - fields):
-        raise ConfigError(f"config: unknown key(s) {unknown}; known: {sorted(fields)}")
-    sub = {"base": CheckpointSpec, "shift": ShiftSpec, "probe": ProbeSpec, "intervention": InterventionSpec}
-    kw: dict[str, Any] = {}
-    for k, v in data.items():
-        try:
-            if k in sub:
-                kw[k] = sub[k](**(v or {}))
-            elif k == "tuned":
-                kw[k] = {n: TunedSpec(**(t or {})) for n, t in (v or {}).items()}
-            elif k == "sets":
-                kw[k] = {n: PromptSetSpec(**(s or {})) for n, s in (v or {}).items()}
-            else:
-                kw[k] = v
-        except TypeError as e:
-            raise ConfigError(f"config {k}: {e}") from None
-    return Study3RealConfig(**kw)
-
-
 def load_real_config(name_or_path: str, overrides: Sequence[str] = ()) -> Study3RealConfig:
     """Read a YAML config (a shipped name such as ``real_llama3`` or a path) and apply ``key.sub=value`` overrides."""
-    return _build(read_config(name_or_path, overrides, HERE))
+    return build(Study3RealConfig, read_config(name_or_path, overrides, HERE), name_or_path)

@@ -43,6 +43,7 @@ import jax
 import numpy as np
 import yaml
 
+from safety_jax.configs import YamlDict, apply_overrides, read_yaml
 from safety_jax.data.batches import BatchIterator, default_buckets
 from safety_jax.data.text import DataConfig, load_examples
 from safety_jax.errors import ConfigError, DataError
@@ -168,20 +169,6 @@ def _check_loss_options(method: str, options: dict) -> None:
             raise ConfigError(f"run config: loss.{name}={value!r} must be a positive number")
 
 
-def _set_dotted(d: dict, key: str, value: Any) -> None:
-    parts = key.split(".")
-    for p in parts[:-1]:
-        if not isinstance(d.get(p), dict):
-            d[p] = {}
-        d = d[p]
-    d[parts[-1]] = value
-
-
-def _parse_value(text: str) -> Any:
-    """YAML scalar parsing, plus floats YAML 1.1 leaves as strings (``1e-4``)."""
-    return _as_float(yaml.safe_load(text))
-
-
 def _as_float(value: Any) -> Any:
     """YAML 1.1 reads ``1e-4`` as a string; give such a string back as the float it spells (else unchanged)."""
     if isinstance(value, str):
@@ -193,32 +180,18 @@ def _as_float(value: Any) -> Any:
 
 
 def load_run_config(path: str | None, overrides: list[str] = ()) -> RunConfig:
-    """Read YAML and apply ``key=value`` overrides (values parsed as YAML: numbers, lists, null)."""
-    raw: dict[str, Any] = {}
-    if path:
-        try:
-            with open(path) as f:
-                raw = yaml.safe_load(f) or {}
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f"{path}, line {mark.line + 1}, column {mark.column + 1}" if mark else path
-            raise ConfigError(f"run config {where}: malformed YAML ({getattr(e, 'problem', None) or e})") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"run config {path}: the file must hold a mapping of keys, got {type(raw).__name__}")
-    if isinstance(raw.get("loss"), dict):
-        raw["loss"] = {k: _as_float(v) for k, v in raw["loss"].items()}
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} is not key=value (e.g. optim.lr=1e-4)")
-        key, value = item.split("=", 1)
-        _set_dotted(raw, key, _parse_value(value))
+    """Read YAML (:func:`safety_jax.configs.read_yaml`: ``1e-4`` is a float, errors name file and line) and apply
+    ``key=value`` overrides (values parsed as YAML: numbers, lists, null)."""
+    raw = read_yaml(path) if path else YamlDict({})
+    apply_overrides(raw, overrides)
     known = {f.name for f in dataclasses.fields(RunConfig)}
     for old, new in RENAMED.items():
         if old in raw:
-            raise ConfigError(f"run config: key '{old}' was renamed; use {new}")
+            raise ConfigError(f"run config {raw.where(old)}: key '{old}' was renamed; use {new}")
     unknown = sorted(set(raw) - known)
     if unknown:
-        raise ConfigError(f"run config: unknown key(s) {unknown}; known: {', '.join(sorted(known))}")
+        raise ConfigError(f"run config {raw.where(unknown[0])}: unknown key(s) {unknown}; known: "
+                          f"{', '.join(sorted(known))}")
     return RunConfig(**raw)
 
 
