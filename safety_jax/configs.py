@@ -156,3 +156,21 @@ def build(cls: type, data: Any, where: str = "config") -> Any:
         return cls(**kwargs)
     except TypeError as e:
         raise ConfigError(f"{where}: {cls.__name__}: {e}") from None
+
+
+# ---------------------------------------------------------------------------------------------------- field checks
+def invalid(field: str, value: Any, want: str) -> None:
+    """Raise the ConfigError of a bad field: ``config FIELD=VALUE: what it should be``."""
+    raise ConfigError(f"config {field}={value!r}: {want}")
+
+
+def check_whole(field: str, value: Any, low: int = 1) -> None:
+    """``value`` must be an int (not a bool) ≥ ``low``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        invalid(field, value, f"a whole number ≥ {low}")
+
+
+def check_positive(field: str, value: Any) -> None:
+    """``value`` must be a number (not a bool) > 0."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        invalid(field, value, "a positive number")

@@ -15,7 +15,9 @@ from typing import Any
 
 from experiments.study1_mechanics import config as study1_config
 from safety_jax.configs import build
-from safety_jax.errors import ConfigError
+from safety_jax.configs import check_positive as _positive
+from safety_jax.configs import check_whole as _whole
+from safety_jax.configs import invalid as _fail
 from safety_jax.model.llama import LINEAR_MODULES
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -116,20 +118,6 @@ class Study2Config:
 
     def study1_config(self) -> study1_config.StudyConfig:
         return study1_config.load_config(self.study1, self.study1_overrides)
-
-
-def _fail(field: str, value: Any, want: str) -> None:
-    raise ConfigError(f"config {field}={value!r}: {want}")
-
-
-def _whole(field: str, value: Any, low: int = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        _fail(field, value, f"a whole number ≥ {low}")
-
-
-def _positive(field: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
-        _fail(field, value, "a positive number")
 
 
 def validate(cfg: Study2Config) -> None:

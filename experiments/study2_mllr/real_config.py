@@ -17,7 +17,7 @@ from typing import Any
 from experiments.study1_mechanics.config import read_config
 from experiments.study2_mllr.config import HERE, PLANS, SCHEDULES
 from safety_jax.configs import build
-from safety_jax.errors import ConfigError
+from safety_jax.configs import invalid as _fail
 from safety_jax.model.llama import LINEAR_MODULES
 
 TASKS = ("alpaca", "gsm8k")
@@ -116,10 +116,6 @@ class RealStudy2Config:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-
-def _fail(field: str, value: Any, want: str) -> None:
-    raise ConfigError(f"config {field}={value!r}: {want}")
 
 
 def _check(field: str, value: Any, ok: Any, want: str) -> None:

@@ -16,8 +16,10 @@ from typing import Any
 from experiments.study1_mechanics import config as study1_config
 from safety_jax.analysis.residual import SHIFTS
 from safety_jax.configs import build
+from safety_jax.configs import check_positive as _positive
+from safety_jax.configs import check_whole as _whole
+from safety_jax.configs import invalid as _fail
 from safety_jax.data.synthetic_sets import SAFETY_KINDS
-from safety_jax.errors import ConfigError
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 JAILBREAKS = tuple(k for k in SAFETY_KINDS if k.startswith("jb_"))
@@ -135,20 +137,6 @@ class Study3Config:
     def study1_runs(self) -> list[str]:
         """The study 1 runs the pairs name (everything but "pretrained"), in order."""
         return list(dict.fromkeys(m for pair in self.shift.pairs for m in pair if m != "pretrained"))
-
-
-def _fail(field: str, value: Any, want: str) -> None:
-    raise ConfigError(f"config {field}={value!r}: {want}")
-
-
-def _whole(field: str, value: Any, low: int = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        _fail(field, value, f"a whole number ≥ {low}")
-
-
-def _positive(field: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
-        _fail(field, value, "a positive number")
 
 
 def validate(cfg: Study3Config) -> None:

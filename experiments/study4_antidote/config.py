@@ -15,6 +15,7 @@ from typing import Any
 
 from experiments.study1_mechanics import config as study1_config
 from safety_jax.configs import build
+from safety_jax.configs import invalid as _fail
 from safety_jax.errors import ConfigError
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -108,10 +109,6 @@ class Study4Config:
 
     def study1_config(self) -> study1_config.StudyConfig:
         return study1_config.load_config(self.study1, self.study1_overrides)
-
-
-def _fail(field: str, value: Any, want: str) -> None:
-    raise ConfigError(f"config {field}={value!r}: {want}")
 
 
 def _numbers(field: str, values: Any, ok, want: str) -> None:
