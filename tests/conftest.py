@@ -24,6 +24,13 @@ def fast_compiles():
     jax.config.update("jax_disable_most_optimizations", before)
 
 
+@pytest.fixture(scope="session")
+def synthetic_out(tmp_path_factory) -> str:
+    """One output folder for every synthetic study's quick run, as the main job shares one: study 1's stages
+    (pretrained and safety-tuned models) are computed by whichever study needs them first and reused by the rest."""
+    return str(tmp_path_factory.mktemp("synthetic"))
+
+
 def pytest_collection_modifyitems(config, items):
     """Tests marked ``slow`` run only when asked for (``-m slow``, or any ``-m`` expression naming it)."""
     if "slow" in (config.option.markexpr or ""):

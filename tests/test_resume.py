@@ -65,6 +65,7 @@ def _run(workspace, out, *extra):
                           cwd=workspace)
 
 
+@pytest.mark.slow  # nine CLI processes (~90 s on 2 cores); test_trainer's in-process resume test runs in CI
 def test_killed_runs_resume_bit_identical_without_duplicated_steps(workspace):
     ref = workspace / "uninterrupted"
     res = _run(workspace, ref)

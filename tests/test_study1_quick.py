@@ -29,8 +29,8 @@ def stages(cfg) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def quick_run(tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("study1_quick"))
+def quick_run(synthetic_out):
+    out = synthetic_out
     cfg = load_config("quick")
     return cfg, out, run(cfg, out)
 

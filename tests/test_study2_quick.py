@@ -18,10 +18,10 @@ from safety_jax.train import plans
 
 
 @pytest.fixture(scope="module")
-def quick(tmp_path_factory):
+def quick(synthetic_out):
     before = jax.config.read("jax_disable_most_optimizations")  # many small programs: compile them fast
     jax.config.update("jax_disable_most_optimizations", True)
-    out = str(tmp_path_factory.mktemp("study2"))
+    out = synthetic_out
     cfg = load_config("quick")
     try:
         yield cfg, out, study2.run(cfg, out)

@@ -20,8 +20,8 @@ from safety_jax.stages import Stages
 
 
 @pytest.fixture(scope="module")
-def quick(tmp_path_factory, fast_compiles):
-    out = str(tmp_path_factory.mktemp("study3"))
+def quick(synthetic_out, fast_compiles):
+    out = synthetic_out
     return out, study3.run(load_config("quick"), out)
 
 

@@ -15,8 +15,8 @@ from safety_jax.stages import Stages
 
 
 @pytest.fixture(scope="module")
-def quick(tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("study4"))
+def quick(synthetic_out):
+    out = synthetic_out
     return out, study4.run(load_config("quick"), out)
 
 

@@ -186,6 +186,22 @@ def test_safety_labels_follow_the_per_grammar_operator_sets(name):
 
 
 @pytest.mark.parametrize("name", PRESETS)
+def test_safe_twins_keep_the_text_and_take_safe_operators(name):
+    w = world(name)
+    u = sets.safety_batch(w, "unsafe", 200, 3)
+    t = sets.safe_twins(w, u, 4)
+    for f in ("grammar", "branch", "text", "text_len", "text_family", "gt_pos"):
+        np.testing.assert_array_equal(getattr(t, f), getattr(u, f), err_msg=f)
+    assert not t.is_unsafe.any() and (t.ops != u.ops).any(1).all()
+    for i in range(len(t)):  # safe by the grammar's rules, and answered with the exact transformation
+        assert not is_unsafe_reference(w, int(t.grammar[i]), int(t.branch[i]), [syn.VOCAB[o] for o in t.ops[i]])
+    np.testing.assert_array_equal(t.tokens, t.transform)
+    k = w.config.n_ops  # the prompt differs from the unsafe row's in the operators only
+    np.testing.assert_array_equal(t.tokens[:, k + 1:][u.loss_mask[:, k + 1:] == 0],
+                                  u.tokens[:, k + 1:][u.loss_mask[:, k + 1:] == 0])
+
+
+@pytest.mark.parametrize("name", PRESETS)
 def test_each_jailbreak_set_differs_from_the_standard_sets_as_specified(name):
     w = world(name)
     k, h = w.config.n_ops, w.config.n_ops // 2

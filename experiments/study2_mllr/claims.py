@@ -58,10 +58,19 @@ def claim_probe(metrics: Mapping[str, Any]) -> Claim:
     evidence = (f"Layer {p['layer']} (chosen on validation; validation accuracy per layer "
                 f"{', '.join(f'{a:.2f}' for a in p['val_accuracy'])}): test accuracy {100 * acc:.1f} %, mean margin "
                 f"{p['margin']:.2f} (bar {100 * bar:.0f} %, chance 50 %).")
+    split = p.get("accuracy_text_decided") is not None and p.get("accuracy_ops_decided") is not None
+    if split:
+        evidence += (f" Rows the operators alone decide: {100 * p['accuracy_ops_decided']:.1f} %; rows a conditional "
+                     f"operator's text family decides ({p['n_text_decided']} of {n}): "
+                     f"{100 * p['accuracy_text_decided']:.1f} %.")
     lo = wilson(int(round(acc * n)), n)[0]
     ok = acc >= bar and lo > 0.5
     reading = ("the safety-tuned model keeps unsafe and safe inputs apart in its residual stream, linearly" if ok else
                "the states at that layer do not separate the two kinds of input well enough for a faithful proxy")
+    if not ok and split and p["accuracy_ops_decided"] >= bar > p["accuracy_text_decided"]:
+        reading = ("the probe reads the operators' safety but not the operator × text interaction: where a "
+                   "conditional operator's safety depends on the text family, the last prompt token's state does not "
+                   "carry the decision linearly (the model's own refusal is about as accurate)")
     return Claim(key, statement, ok, evidence, reading, {"accuracy": acc})
 
 

@@ -38,7 +38,16 @@ from experiments.study4_antidote.run import epoch_batches
 from safety_jax.analysis import probes, robustness
 from safety_jax.analysis.activations import collect_activations
 from safety_jax.data.synthetic import World
-from safety_jax.data.synthetic_sets import CORRECT, HARMFUL, SAFETY_KINDS, SyntheticBatch, concat_batches, safety_batch
+from safety_jax.data.synthetic_sets import (
+    CORRECT,
+    HARMFUL,
+    SAFETY_KINDS,
+    SyntheticBatch,
+    concat_batches,
+    decided_by_text,
+    safe_twins,
+    safety_batch,
+)
 from safety_jax.eval import synthetic_world
 from safety_jax.model.config import LlamaConfig
 from safety_jax.model.llama import Params
@@ -67,12 +76,14 @@ class World2:
 
 
 def proxy_sets(cfg: Study2Config, world: World, grammars: list[int] | None) -> dict[str, SyntheticBatch]:
-    """Probe data (spec item 1, synthetic): unsafe inputs (label 1) and safe operator inputs (label 0), per split."""
+    """Probe data (spec item 1, synthetic form): unsafe inputs (label 1) and their benign twins (label 0) — the same
+    text under operators safe for it — per split."""
     p = cfg.probe
     out = {}
     for i, (split, n) in enumerate((("train", p.n_train), ("val", p.n_val), ("test", p.n_test))):
         rng = np.random.default_rng([cfg.seed, 20, i])
-        out[split] = concat_batches([safety_batch(world, kind, n, rng, grammars) for kind in ("unsafe", "safe")])
+        unsafe = safety_batch(world, "unsafe", n, rng, grammars)
+        out[split] = concat_batches([unsafe, safe_twins(world, unsafe, rng)])
     return out
 
 
@@ -105,7 +116,12 @@ def probe_stage(w: World2, st: Stages, aligned: Params) -> tuple[probes.Probe, d
         test_acc = np.asarray(probes.probe_accuracy(fitted, x["test"], y["test"]))
         test_margin = np.asarray(probes.probe_margin(fitted, x["test"], y["test"]))
         chosen = probes.take_layer(fitted, layer)
-        meta = {"layer": layer, "val_accuracy": val_acc.tolist(), "val_margin": val_margin.tolist(),
+        right = np.asarray(probes.probe_logits(chosen, x["test"][layer]) > 0) == y["test"].astype(bool)
+        by_text = decided_by_text(w.world, w.proxy["test"])  # rows a conditional operator makes unsafe or safe
+        meta = {"accuracy_text_decided": float(right[by_text].mean()) if by_text.any() else None,
+                "accuracy_ops_decided": float(right[~by_text].mean()) if (~by_text).any() else None,
+                "n_text_decided": int(by_text.sum()),
+                "layer": layer, "val_accuracy": val_acc.tolist(), "val_margin": val_margin.tolist(),
                 "test_accuracy": test_acc.tolist(), "test_margin": test_margin.tolist(),
                 "accuracy": float(test_acc[layer]), "margin": float(test_margin[layer])}
         probes.save_probe(chosen, os.path.join(d, "probe.safetensors"), meta)

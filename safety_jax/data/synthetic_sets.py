@@ -347,9 +347,17 @@ def safety_batch(
         ops = np.concatenate([_pick(rng, safe_ops, h), second], axis=1)
     else:  # jb_mismatch_ops
         ops = _pick(rng, _DUP & unsafe_row, k)
-    ops = ops.astype(np.int32)
-
     text, text_len, fam = sample_text(world, grammar, branch, rng)
+    return _assemble(world, grammar, branch, ops.astype(np.int32), text, text_len, fam, second_rows)
+
+
+def _assemble(
+    world: World, grammar: np.ndarray, branch: np.ndarray, ops: np.ndarray, text: np.ndarray, text_len: np.ndarray,
+    fam: np.ndarray, second_rows: np.ndarray,
+) -> SyntheticBatch:
+    """The rows of a safety set from their grammar, text branch, operators and text: label, refusal and transform."""
+    cfg, h = world.config, world.config.n_ops // 2
+    unsafe_row = world.unsafe[grammar, (branch != SAFE_TEXT).astype(np.int64)]
     seg1 = apply_ops(world, text, ops[:, :h])
     seg2 = apply_ops(world, seg1, ops[:, h:])
     op_unsafe = np.take_along_axis(unsafe_row, ops, axis=1)
@@ -363,12 +371,24 @@ def safety_batch(
     null, second = np.where(text >= 0, NULL_LETTER, -1), (refuse_seg == 1)[:, None]
     answer = _answer(np.where(second, seg1, null), np.where(second, null, -1), text_len)
     refusal = _with_answer(prompt, gt, answer, text_len)
+    n = len(ops)
     return SyntheticBatch(
         tokens=np.where(is_unsafe[:, None], refusal, transform),
         loss_mask=_span(cfg.seq_len, gt + 1, 2 * text_len + 1).astype(np.int32), is_unsafe=is_unsafe,
         grammar=grammar, ops=ops, branch=branch, text=_letters(text), text_len=text_len, text_family=fam,
         gt_pos=gt, mode=np.full(n, -1, np.int32), refusal=refusal, transform=transform, refuse_seg=refuse_seg,
     )
+
+
+def safe_twins(world: World, batch: SyntheticBatch, rng: np.random.Generator | int) -> SyntheticBatch:
+    """The benign twin of every row (study 2's proxy data, synthetic form): the same grammar and text, every operator
+    replaced by one drawn uniformly from those safe for that text (as in the ``safe`` set)."""
+    rng = np.random.default_rng(rng)
+    unsafe_row = world.unsafe[batch.grammar, (batch.branch != SAFE_TEXT).astype(np.int64)]
+    ops = _pick(rng, _BASE & ~unsafe_row, world.config.n_ops)
+    text = np.where(batch.text != PAD, batch.text - LETTER0, -1)
+    return _assemble(world, batch.grammar, batch.branch, ops, text, batch.text_len, batch.text_family,
+                     np.zeros(len(ops), bool))
 
 
 def decided_by_text(world: World, batch: SyntheticBatch) -> np.ndarray:
