@@ -32,6 +32,7 @@ def hf_folder(tmp_path_factory):
     return path
 
 
+@pytest.mark.slow  # three CLI processes (~25 s); test_hf covers the conversion in-process
 def test_convert_round_trip_and_generate(hf_folder, tmp_path):
     orbax_dir, back = tmp_path / "orbax", tmp_path / "hf_again"
     _cli("convert", "--src", str(hf_folder), "--dst", str(orbax_dir), "--to", "orbax")

@@ -286,6 +286,7 @@ def second_segment_share(cfg, world) -> float:
     return float(unsafe.mean())
 
 
+@pytest.mark.slow  # a second seed of every fine-tuning run (~25 s); the sweep tests cover seeds in CI
 def test_seeds_rerun_the_finetuning_and_report_the_spread(quick_run):
     cfg, out, _ = quick_run
     m = run(cfg, out, seeds=[cfg.seed, cfg.seed + 1])

@@ -110,7 +110,7 @@ def test_dpo_from_cli_separates_training_pairs(workspace):
     assert len(evals) == 1 and evals[0]["step"] == 60 and evals[0]["eval/loss"] < np.log(2)
 
 
-@pytest.mark.parametrize("method", ["npo", "dpo"])
+@pytest.mark.parametrize("method", [pytest.param("npo", marks=pytest.mark.slow), "dpo"])
 def test_reference_methods_evaluate_with_reference_params(workspace, method):
     out = workspace / f"{method}_ref_params"
     kind = "preference" if method == "dpo" else "prompt_completion"
