@@ -105,7 +105,7 @@ def probe_stage(w: World2, st: Stages, aligned: Params) -> tuple[probes.Probe, d
     """Fit one probe per layer on the train split, choose the layer on val (or take ``probe.layer``), report test."""
     p = w.cfg.probe
     key = {"model": w.base_key, "probe": dataclasses.asdict(p), "seed": w.cfg.seed,
-           "world": dataclasses.asdict(w.cfg1)["world"]}
+           "world": dataclasses.asdict(w.cfg1)["world"], "proxy": "safe_twins"}  # the proxy data's form
 
     def compute(d: str) -> None:
         y = {s: b.is_unsafe.astype(np.int32) for s, b in w.proxy.items()}
