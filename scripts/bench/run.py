@@ -40,6 +40,7 @@ from common import (  # noqa: E402
 from workloads import WORKLOADS, BenchContext  # noqa: E402
 
 from safety_jax.model.config import get_preset  # noqa: E402
+from safety_jax.model.llama import layer_loop  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -51,6 +52,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--new-tokens", type=int, default=128, help="decode tokens for the generation workload")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                    help="param and compute dtype of both sides (training in pure bfloat16 on both sides)")
+    p.add_argument("--layer-loop", default="scan", choices=["scan", "unrolled", "auto"],
+                   help="the JAX model's layer loop (LlamaConfig.layer_loop): lax.scan, a Python loop over static "
+                        "layer slices, or auto (unrolled on CPU, scan elsewhere)")
+    p.add_argument("--scan-unroll", type=int, default=1, help="layers per scan iteration (with --layer-loop scan)")
     p.add_argument("--workloads", default=",".join(WORKLOADS), help=f"comma list from {list(WORKLOADS)}")
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
@@ -76,7 +81,8 @@ def main(argv: list[str] | None = None) -> str:
     load_start = load_average()
     threads = set_threads(args.threads)
     torch.manual_seed(args.seed)
-    config = get_preset(args.preset, param_dtype=args.dtype, compute_dtype=args.dtype)
+    config = get_preset(args.preset, param_dtype=args.dtype, compute_dtype=args.dtype, layer_loop=args.layer_loop,
+                        scan_unroll=args.scan_unroll)
     ctx = BenchContext.build(config, args.batch, args.seq, args.new_tokens, args.seed, args.torch_compile)
     # The peak is measured before and after the workloads and the best kept: on a shared machine a single
     # measurement can land in a busy moment and make MFU exceed 100%.
@@ -96,7 +102,9 @@ def main(argv: list[str] | None = None) -> str:
     peak_torch = max(peak_torch, torch_matmul_peak(args.dtype))
     set_mfu(results, max(peak_jax, peak_torch))  # against the larger of the two frameworks' best peaks
     meta = dict(machine=machine_description(), config=f"{args.preset} ({config.num_params() / 1e6:.1f}M params), "
-                f"batch {args.batch}, seq {args.seq}, {args.dtype}, jax {jax.__version__}, torch {torch.__version__}",
+                f"batch {args.batch}, seq {args.seq}, {args.dtype}, layer loop {layer_loop(config)}"
+                + (f" (unroll {config.scan_unroll})" if layer_loop(config) == "scan" else "")
+                + f", jax {jax.__version__}, torch {torch.__version__}",
                 dtype=args.dtype, peak_jax=peak_jax, peak_torch=peak_torch, cpus=cpu_count(), threads=threads,
                 load_average=None if load_start is None else (load_start, load_average()), args=vars(args),
                 env={k: os.environ.get(k) for k in ("OMP_WAIT_POLICY", "OPENBLAS_THREAD_TIMEOUT", "XLA_FLAGS")},
