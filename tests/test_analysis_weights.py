@@ -1,5 +1,7 @@
 """ΔW column-space overlap, row-space alignment and α-interpolation against numpy references."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -35,12 +37,16 @@ def _orthonormal(rng: np.random.Generator, n: int) -> np.ndarray:
     return np.linalg.qr(rng.normal(size=(n, n)))[0]
 
 
+METHODS = ("svd", "gram")
+
+
+@pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("shape", [(3, 12, 7), (2, 6, 10)])
-def test_sin_theta_matches_numpy_svd_per_layer(shape):
+def test_sin_theta_matches_numpy_svd_per_layer(shape, method):
     rng = np.random.default_rng(0)
     w_pre = rng.normal(size=shape).astype(np.float32)
     w_ft = (w_pre + 0.1 * rng.normal(size=shape)).astype(np.float32)
-    got = weights.column_space_overlap(w_pre, w_ft, top_k=4, energy=0.9)
+    got = weights.column_space_overlap(w_pre, w_ft, top_k=4, energy=0.9, method=method)
     np.testing.assert_allclose(got["sin_theta"], _np_sin_theta(w_pre, w_ft, 4, 0.9), atol=2e-4)
     np.testing.assert_allclose(got["delta_singular_values"],
                                np.linalg.svd((w_ft - w_pre).astype(np.float64), compute_uv=False), rtol=1e-4)
@@ -51,7 +57,8 @@ def test_sin_theta_matches_numpy_svd_per_layer(shape):
     np.testing.assert_allclose(got["relative_norm"], rel, rtol=1e-5)
 
 
-def test_sin_theta_is_one_outside_and_zero_inside_the_pretrained_column_space():
+@pytest.mark.parametrize("method", METHODS)
+def test_sin_theta_is_one_outside_and_zero_inside_the_pretrained_column_space(method):
     rng = np.random.default_rng(1)
     out_dim, in_dim, rank = 10, 8, 4
     q = _orthonormal(rng, out_dim)
@@ -62,27 +69,132 @@ def test_sin_theta_is_one_outside_and_zero_inside_the_pretrained_column_space():
     delta_out = outside @ rng.normal(size=(out_dim - rank, in_dim)) * 0.05
     w_pre = np.stack([w, w]).astype(np.float32)
     w_ft = np.stack([w + delta_in, w + delta_out]).astype(np.float32)
-    got = weights.column_space_overlap(w_pre, w_ft, top_k=3, energy=0.9)
+    got = weights.column_space_overlap(w_pre, w_ft, top_k=3, energy=0.9, method=method)
     assert got["pre_energy_rank"].tolist() == [rank, rank]
     np.testing.assert_allclose(got["sin_theta"][0], 0.0, atol=1e-3)
     np.testing.assert_allclose(got["sin_theta"][1], 1.0, atol=1e-5)
 
 
-def test_sin_theta_is_nan_for_a_zero_update():
+@pytest.mark.parametrize("method", METHODS)
+def test_sin_theta_is_nan_for_a_zero_update(method):
     w = np.random.default_rng(2).normal(size=(2, 5, 4)).astype(np.float32)
-    got = weights.column_space_overlap(w, w, top_k=2)
+    got = weights.column_space_overlap(w, w, top_k=2, method=method)
     assert np.isnan(np.asarray(got["sin_theta"])).all()
     np.testing.assert_array_equal(got["relative_norm"], 0.0)
 
 
-def test_lax_map_layer_batches_equal_full_vmap():
+@pytest.mark.parametrize("method", METHODS)
+def test_lax_map_layer_batches_equal_full_vmap(method):
     rng = np.random.default_rng(3)
     w_pre = rng.normal(size=(5, 9, 6)).astype(np.float32)
     w_ft = w_pre + 0.1 * rng.normal(size=w_pre.shape).astype(np.float32)
-    full = weights.column_space_overlap(w_pre, w_ft, top_k=3)
-    chunked = weights.column_space_overlap(w_pre, w_ft, top_k=3, layer_batch=2)
+    full = weights.column_space_overlap(w_pre, w_ft, top_k=3, method=method)
+    chunked = weights.column_space_overlap(w_pre, w_ft, top_k=3, layer_batch=2, method=method)
     for k in full:
         np.testing.assert_allclose(chunked[k], full[k], rtol=1e-5, atol=1e-6)
+
+
+def _finetune_like(shape: tuple[int, int, int], seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A random W_pre and W_ft = W_pre + ΔW, ΔW rank 4 plus a noise floor (a fine-tuning-like spectrum)."""
+    rng = np.random.default_rng(seed)
+    n_layers, n_out, n_in = shape
+    w_pre = rng.normal(size=shape)
+    delta = 1e-2 * rng.normal(size=(n_layers, n_out, 4)) @ rng.normal(size=(n_layers, 4, n_in)) / 2
+    delta += 1e-4 * rng.normal(size=shape)
+    return w_pre.astype(np.float32), (w_pre + delta).astype(np.float32)
+
+
+def _np_reference(w_pre: np.ndarray, w_ft: np.ndarray, top_k: int, energy: float) -> dict[str, np.ndarray]:
+    """The whole analysis by float64 numpy SVDs of the same float32 inputs."""
+    p64, d64 = w_pre.astype(np.float64), w_ft.astype(np.float64) - w_pre.astype(np.float64)
+    s_d = np.linalg.svd(d64, compute_uv=False)
+    s_p = np.linalg.svd(p64, compute_uv=False)
+    rank = lambda s: np.array([np.searchsorted(np.cumsum(x**2) / np.sum(x**2), energy) + 1 for x in s])
+    prob = s_d / s_d.sum(axis=1, keepdims=True)
+    return {"sin_theta": _np_sin_theta(w_pre, w_ft, top_k, energy), "delta_singular_values": s_d,
+            "pre_singular_values": s_p, "pre_energy_rank": rank(s_p), "delta_energy_rank": rank(s_d),
+            "delta_effective_rank": np.exp(-np.sum(prob * np.log(prob), axis=1))}
+
+
+@pytest.mark.parametrize("shape", [(2, 16, 40), (2, 40, 16), (2, 24, 24)], ids=["wide", "tall", "square"])
+def test_gram_matches_a_float64_svd_reference(shape):
+    w_pre, w_ft = _finetune_like(shape, seed=5)
+    got = weights.column_space_overlap(w_pre, w_ft, top_k=6, energy=0.9, method="gram")
+    ref = _np_reference(w_pre, w_ft, 6, 0.9)
+    np.testing.assert_allclose(got["sin_theta"], ref["sin_theta"], atol=1e-5)
+    for key in ("delta_singular_values", "pre_singular_values", "delta_effective_rank"):
+        np.testing.assert_allclose(got[key], ref[key], rtol=1e-5, err_msg=key)
+    for key in ("pre_energy_rank", "delta_energy_rank"):
+        np.testing.assert_array_equal(got[key], ref[key], err_msg=key)
+    svd = weights.column_space_overlap(w_pre, w_ft, top_k=6, energy=0.9, method="svd")
+    for key, value in got.items():
+        assert (value.dtype, value.shape) == (svd[key].dtype, svd[key].shape), key
+
+
+def test_gram_left_vectors_of_tall_matrices_are_oriented_and_normalised():
+    """out > in: U = M V / σ. A ΔW inside W_pre's column space must give sin θ ≈ 0, one outside it sin θ ≈ 1; W_pre
+    has distinct singular values, so a wrong 1/σ scaling of the implicit basis would show."""
+    rng = np.random.default_rng(6)
+    out_dim, in_dim, rank = 24, 10, 4
+    q = _orthonormal(rng, out_dim)
+    inside, outside = q[:, :rank], q[:, rank:]
+    w = inside @ np.diag([3.0, 2.0, 1.5, 1.0]) @ _orthonormal(rng, in_dim)[:rank]
+    delta_in = inside @ rng.normal(size=(rank, in_dim)) * 0.05
+    delta_out = outside @ rng.normal(size=(out_dim - rank, in_dim)) * 0.05
+    w_pre = np.stack([w, w]).astype(np.float32)
+    w_ft = np.stack([w + delta_in, w + delta_out]).astype(np.float32)
+    got = weights.column_space_overlap(w_pre, w_ft, top_k=3, energy=0.99, method="gram")
+    assert got["pre_energy_rank"].tolist() == [rank, rank]
+    np.testing.assert_allclose(got["sin_theta"][0], 0.0, atol=1e-5)
+    np.testing.assert_allclose(got["sin_theta"][1], 1.0, atol=1e-5)
+
+
+def test_gram_leaves_null_directions_out_of_the_basis():
+    """W_pre rank-deficient, out > in, energy 1.0: the mask keeps W_pre's zero singular values, but gram has no
+    left vectors for them, so an update outside the column space still reads sin θ = 1."""
+    rng = np.random.default_rng(7)
+    out_dim, in_dim, rank = 12, 8, 3
+    q = _orthonormal(rng, out_dim)
+    w = q[:, :rank] @ rng.normal(size=(rank, in_dim))
+    delta = q[:, rank:] @ rng.normal(size=(out_dim - rank, in_dim)) * 0.05
+    got = weights.column_space_overlap(w[None].astype(np.float32), (w + delta)[None].astype(np.float32), top_k=3,
+                                       energy=1.0, method="gram")
+    assert int(got["pre_energy_rank"][0]) > rank
+    np.testing.assert_allclose(got["sin_theta"][0], 1.0, atol=1e-5)
+
+
+def test_gram_inside_an_outer_jit_equals_the_host_call():
+    w_pre, w_ft = _finetune_like((2, 20, 12), seed=8)
+    host = weights.column_space_overlap(w_pre, w_ft, top_k=4, method="gram")
+    traced = jax.jit(lambda p, f: weights.column_space_overlap(p, f, top_k=4, method="gram"))(w_pre, w_ft)
+    for key in host:
+        assert traced[key].dtype == host[key].dtype, key
+        np.testing.assert_allclose(traced[key], host[key], rtol=1e-6, atol=1e-7, err_msg=key)
+    assert not jax.config.jax_enable_x64                         # the float64 context does not leak
+
+
+def test_gram_issues_one_eigh_per_matrix():
+    """A batched CPU eigh blocks a thread-pool worker on its own sub-tasks, and concurrent ones hang the program; the
+    gram kernel must lower to unbatched [n, n] eigh calls only, with vmap and with layer batches."""
+    w = jnp.zeros((3, 20, 12), jnp.float32)
+    for layer_batch in (None, 2):
+        text = jax.jit(lambda p, f, lb=layer_batch: weights.column_space_overlap(
+            p, f, top_k=3, layer_batch=lb, method="gram")).lower(w, w).as_text()
+        operands = re.findall(r"custom_call @\w*syevd\w*\(.*?: \(tensor<([0-9x]+?)xf64>", text)
+        assert operands and all(s.count("x") == 1 for s in operands), operands
+
+
+def test_method_is_validated_and_auto_resolves_by_backend(monkeypatch):
+    w = np.zeros((1, 3, 2), np.float32)
+    with pytest.raises(ValueError, match="method"):
+        weights.column_space_overlap(w, w, method="bogus")
+    with pytest.raises(ValueError, match="method"):
+        weights.delta_weight_analysis({}, {}, method="bogus")
+    assert weights.resolve_method("svd") == "svd"
+    monkeypatch.setattr(weights.jax, "default_backend", lambda: "cpu")
+    assert weights.resolve_method("auto") == "gram"
+    monkeypatch.setattr(weights.jax, "default_backend", lambda: "tpu")
+    assert weights.resolve_method("auto") == "svd"
 
 
 def test_module_matrix_is_the_hf_orientation():

@@ -43,21 +43,35 @@ def energy_mask(s: jax.Array, energy: float | jax.Array) -> jax.Array:
     Direction i is kept when the energy of the directions before it is still below ``energy``; so the kept set is the
     smallest prefix whose energy reaches ``energy`` (energy in (0, 1]).
     """
-    e = jnp.square(s.astype(jnp.float32))
-    total = jnp.maximum(e.sum(axis=-1, keepdims=True), jnp.finfo(jnp.float32).tiny)
+    dtype = jnp.promote_types(s.dtype, jnp.float32)             # float32, or float64 for float64 input
+    e = jnp.square(s.astype(dtype))
+    total = jnp.maximum(e.sum(axis=-1, keepdims=True), jnp.finfo(dtype).tiny)
     before = (jnp.cumsum(e, axis=-1) - e) / total
     return before < energy
 
 
 def effective_rank(s: jax.Array) -> jax.Array:
     """Entropy effective rank exp(H(p)), p = s / Σ s (Roy & Vetterli 2007): ``s: [..., r]`` -> ``[...]``."""
-    s = s.astype(jnp.float32)
-    p = s / jnp.maximum(s.sum(axis=-1, keepdims=True), jnp.finfo(jnp.float32).tiny)
+    dtype = jnp.promote_types(s.dtype, jnp.float32)
+    s = s.astype(dtype)
+    p = s / jnp.maximum(s.sum(axis=-1, keepdims=True), jnp.finfo(dtype).tiny)
     return jnp.exp(-jnp.sum(jnp.where(p > 0, p * jnp.log(jnp.where(p > 0, p, 1.0)), 0.0), axis=-1))
 
 
+METHODS = ("auto", "gram", "svd")
+
+
+def resolve_method(method: str) -> str:
+    """``"gram"`` or ``"svd"``: ``"auto"`` is ``"svd"`` on TPU (no native float64) and ``"gram"`` elsewhere."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if method == "auto":
+        return "svd" if jax.default_backend() == "tpu" else "gram"
+    return method
+
+
 def _column_space_one(w_pre: jax.Array, w_ft: jax.Array, energy: jax.Array, top_k: int) -> dict[str, jax.Array]:
-    """One layer: w_pre, w_ft [out, in] (HF orientation)."""
+    """One layer by float32 thin SVDs: w_pre, w_ft [out, in] (HF orientation)."""
     w_pre = w_pre.astype(jnp.float32)
     delta = w_ft.astype(jnp.float32) - w_pre
     u_d, s_d, _ = jnp.linalg.svd(delta, full_matrices=False)
@@ -74,44 +88,137 @@ def _column_space_one(w_pre: jax.Array, w_ft: jax.Array, energy: jax.Array, top_
         "sin_theta": sin,
         "delta_singular_values": s_d,
         "pre_singular_values": s_p,
-        "pre_energy_rank": keep.sum(),
-        "delta_energy_rank": energy_mask(s_d, energy).sum(),
+        "pre_energy_rank": keep.sum().astype(jnp.int32),
+        "delta_energy_rank": energy_mask(s_d, energy).sum().astype(jnp.int32),
         "delta_effective_rank": effective_rank(s_d),
         "relative_norm": jnp.linalg.norm(delta) / jnp.maximum(jnp.linalg.norm(w_pre), jnp.finfo(jnp.float32).tiny),
     }
 
 
-@partial(jax.jit, static_argnames=("top_k", "layer_batch"))
+@jax.custom_batching.custom_vmap
+def _eigh_per_matrix(g: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``jnp.linalg.eigh`` that stays one LAPACK call per matrix under ``vmap``.
+
+    On CPU a batched call splits its batch into tasks on XLA's intra-op thread pool and blocks until they finish; when
+    every pool thread is inside such a call (two vmapped eighs at once on two cores already do it), nothing runs the
+    tasks and the program hangs. Single-matrix calls run inline, and independent ones still run in parallel.
+    """
+    lam, vec = jnp.linalg.eigh(g)
+    return lam, vec
+
+
+@_eigh_per_matrix.def_vmap
+def _eigh_per_matrix_vmap(axis_size: int, in_batched: list[bool],
+                          g: jax.Array) -> tuple[tuple[jax.Array, jax.Array], tuple[bool, bool]]:
+    if not in_batched[0]:
+        return _eigh_per_matrix(g), (False, False)
+    parts = [_eigh_per_matrix(g[i]) for i in range(axis_size)]
+    return (jnp.stack([p[0] for p in parts]), jnp.stack([p[1] for p in parts])), (True, True)
+
+
+def _gram_spectrum(m: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Singular values ``[r]`` (descending) and the eigenvectors of the smaller Gram matrix of ``m: [out, in]``:
+    U ``[out, r]`` from M Mᵀ when out ≤ in, V ``[in, r]`` from Mᵀ M otherwise."""
+    g = m @ m.T if m.shape[0] <= m.shape[1] else m.T @ m
+    lam, vec = _eigh_per_matrix(g)                             # ascending
+    return jnp.sqrt(jnp.maximum(lam[::-1], 0.0)), vec[:, ::-1]
+
+
+def _column_space_gram_one(w_pre: jax.Array, w_ft: jax.Array, energy: jax.Array,
+                           top_k: int) -> dict[str, jax.Array]:
+    """One layer from the eigendecompositions of the Gram matrices in float64 (traced with x64 enabled)."""
+    if jax.dtypes.canonicalize_dtype(jnp.float64) != jnp.float64:
+        raise RuntimeError("the gram method must be traced with float64 enabled (jax.enable_x64(True))")
+    f64 = jnp.float64
+    p = w_pre.astype(f64)
+    d = w_ft.astype(f64) - p                                   # exact unless the exponents differ by > 29
+    n_out, n_in = p.shape
+    s_d, vec_d = _gram_spectrum(d)
+    s_p, vec_p = _gram_spectrum(p)
+    tol = jnp.finfo(jnp.float32).eps * max(n_out, n_in) * jnp.maximum(s_p[0], s_d[0])
+    keep = energy_mask(s_p, energy)
+    inverse = lambda s: jnp.where(s > tol, 1.0 / jnp.where(s > tol, s, 1.0), 0.0)   # 1/σ, 0 at (numerical) zeros
+    if n_out <= n_in:                                          # eigh of M Mᵀ gave the left singular vectors
+        u = vec_d[:, :top_k]
+        basis = vec_p * keep[None, :]
+        outside = u - basis @ (basis.T @ u)
+    else:                                                      # U = M V / σ, zero where σ is (numerically) zero
+        u = (d @ vec_d[:, :top_k]) * inverse(s_d[:top_k])[None, :]
+        # U_keep U_keepᵀ u with U_keep = P V_keep / σ_keep, without forming the [out, r] basis:
+        # P V_keep diag(1/σ_keep²) V_keepᵀ Pᵀ u.
+        weight = jnp.where(keep, jnp.square(inverse(s_p)), 0.0)
+        coef = (vec_p.T @ (p.T @ u)) * weight[:, None]         # [r, k]
+        outside = u - p @ (vec_p @ coef)
+    sin = jnp.where(s_d[:top_k] > tol, jnp.linalg.norm(outside, axis=0), jnp.nan)
+    return {
+        "sin_theta": sin.astype(jnp.float32),
+        "delta_singular_values": s_d.astype(jnp.float32),
+        "pre_singular_values": s_p.astype(jnp.float32),
+        "pre_energy_rank": keep.sum().astype(jnp.int32),
+        "delta_energy_rank": energy_mask(s_d, energy).sum().astype(jnp.int32),
+        "delta_effective_rank": effective_rank(s_d).astype(jnp.float32),
+        "relative_norm": (jnp.linalg.norm(d) / jnp.maximum(jnp.linalg.norm(p), jnp.finfo(jnp.float32).tiny)
+                          ).astype(jnp.float32),
+    }
+
+
+@partial(jax.jit, static_argnames=("top_k", "layer_batch", "method"))
 def _column_space_kernel(w_pre: jax.Array, w_ft: jax.Array, energy: jax.Array, *, top_k: int,
-                         layer_batch: int | None) -> dict[str, jax.Array]:
-    one = lambda ws: _column_space_one(ws[0], ws[1], energy, top_k)
+                         layer_batch: int | None, method: str) -> dict[str, jax.Array]:
+    one_layer = _column_space_gram_one if method == "gram" else _column_space_one
+    one = lambda ws: one_layer(ws[0], ws[1], energy, top_k)
     if layer_batch is None:
         return jax.vmap(one)((w_pre, w_ft))
     return jax.lax.map(one, (w_pre, w_ft), batch_size=layer_batch)
 
 
 def column_space_overlap(w_pre: Any, w_ft: Any, *, top_k: int = 10, energy: float = 0.9,
-                         layer_batch: int | None = None) -> dict[str, jax.Array]:
+                         layer_batch: int | None = None, method: str = "auto") -> dict[str, jax.Array]:
     """How far ΔW = W_ft − W_pre writes outside the pretrained weight's column space (Jain et al. 2024, analysis 2).
 
-    w_pre, w_ft: ``[L, out, in]`` HF-oriented matrices (see :func:`module_matrix`). For each layer: SVD of ΔW; for each
-    of its top ``top_k`` left singular vectors u_i (output space), ``sin θ_i = ‖(I − U Uᵀ) u_i‖`` where U holds the
-    pretrained weight's top left singular vectors carrying ``energy`` of Σ s². sin θ ≈ 1: the update writes into
-    directions W_pre does not use. (The reference script indexes rows of U and decomposes W_ft instead of ΔW; this is
-    the computation the paper describes.)
+    w_pre, w_ft: ``[L, out, in]`` HF-oriented matrices (see :func:`module_matrix`). For each layer: the left singular
+    vectors of ΔW; for each of its top ``top_k`` left singular vectors u_i (output space), ``sin θ_i = ‖(I − U Uᵀ)
+    u_i‖`` where U holds the pretrained weight's top left singular vectors carrying ``energy`` of Σ s². sin θ ≈ 1: the
+    update writes into directions W_pre does not use. (The reference script indexes rows of U and decomposes W_ft
+    instead of ΔW; this is the computation the paper describes.)
 
-    Returns ``sin_theta [L, k]`` (NaN where ΔW's i-th singular value is numerically zero), ``delta_singular_values
-    [L, r]``, ``pre_singular_values [L, r]``, ``pre_energy_rank [L]`` (size of U), ``delta_energy_rank [L]``,
+    Returns ``sin_theta [L, k]`` (NaN where ΔW's i-th singular value is numerically zero: at most float32 eps ·
+    max(out, in) · the larger top singular value of ΔW and W_pre), ``delta_singular_values [L, r]``,
+    ``pre_singular_values [L, r]``, ``pre_energy_rank [L]`` (size of U), ``delta_energy_rank [L]``,
     ``delta_effective_rank [L]`` (entropy effective rank) and ``relative_norm [L]`` (‖ΔW‖_F / ‖W_pre‖_F), with
-    r = min(out, in) and k = min(top_k, r). ``layer_batch`` bounds memory by SVD-ing that many layers at a time.
+    r = min(out, in) and k = min(top_k, r); float32 and int32 whatever the method.
+
+    ``method``: ``"svd"``: float32 thin SVDs of ΔW and W_pre. ``"gram"``: the eigendecomposition of the smaller Gram
+    matrix, G = M Mᵀ (out ≤ in: its eigenvectors are U) or G = Mᵀ M (out > in: its eigenvectors are V and U = M V / σ),
+    with σ = sqrt(λ). The Gram matrices, ``eigh`` and M V / σ run in float64, where every product of float32 entries is
+    exact and only the accumulation rounds, at float64 precision. So the squared condition number of G costs float64
+    digits, not float32 ones: an eigenvalue error of ~n·eps64·σ₁² moves σ_i by ~n·eps64·σ₁²/σ_i, below a float32 SVD's
+    ~eps32·σ₁ for every σ_i above the NaN tolerance, and the results match a float64 SVD of the same float32 inputs to
+    float32 accuracy. Per layer it costs two Gram products and two symmetric eigendecompositions of the smaller side
+    instead of two SVDs (on CPU about half the time of the float32 SVDs). The one difference from SVD is degenerate:
+    with W_pre rank-deficient, out > in and an ``energy`` (e.g. 1.0) that keeps its zero singular values, SVD completes
+    U with arbitrary orthonormal columns, which then enter the basis; gram leaves those columns out (zero), and
+    ``pre_energy_rank`` still counts them. ``"auto"`` (default): ``"svd"`` on TPU (no native float64), ``"gram"``
+    otherwise (by ``jax.default_backend()``).
+
+    The gram kernel is traced under ``jax.enable_x64(True)``; this works from host code and inside an outer
+    ``jax.jit`` (or ``vmap``) trace alike, since the float64 part is a nested jitted call whose inputs and outputs are
+    float32 / int32. ``layer_batch`` processes that many layers at a time (``lax.map``) instead of all at once
+    (``vmap``), which bounds the working memory: for gram, the float64 copies of W_pre and ΔW plus the Gram matrices
+    of ``layer_batch`` layers, about 2·out·in·8 bytes per layer (~0.9 GB for a 14336 × 4096 Llama-3-8B MLP matrix).
     """
+    method = resolve_method(method)
     w_pre, w_ft = jnp.asarray(w_pre), jnp.asarray(w_ft)
     if w_pre.ndim != 3 or w_pre.shape != w_ft.shape:
         raise ValueError(f"w_pre and w_ft must be [L, out, in] of one shape, got {w_pre.shape} and {w_ft.shape}")
     if not 0.0 < energy <= 1.0:
         raise ValueError(f"energy must lie in (0, 1], got {energy}")
     top_k = max(1, min(int(top_k), min(w_pre.shape[1:])))
-    return _column_space_kernel(w_pre, w_ft, jnp.float32(energy), top_k=top_k, layer_batch=layer_batch)
+    energy = jnp.float32(energy)
+    if method == "gram":
+        with jax.enable_x64(True):
+            return _column_space_kernel(w_pre, w_ft, energy, top_k=top_k, layer_batch=layer_batch, method=method)
+    return _column_space_kernel(w_pre, w_ft, energy, top_k=top_k, layer_batch=layer_batch, method=method)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,12 +243,15 @@ class DeltaWReport:
 
 
 def delta_weight_analysis(pre: Params, ft: Params, *, modules: Sequence[str] = LINEAR_MODULES, top_k: int = 10,
-                          energy: float = 0.9, layer_batch: int | None = None) -> dict[str, DeltaWReport]:
-    """:func:`column_space_overlap` for every linear module (MLP and attention) of two param trees."""
+                          energy: float = 0.9, layer_batch: int | None = None,
+                          method: str = "auto") -> dict[str, DeltaWReport]:
+    """:func:`column_space_overlap` (``method`` as there) for every linear module (MLP and attention) of two param
+    trees."""
+    resolve_method(method)                                     # fail before any work
     out = {}
     for module in modules:
         stats = column_space_overlap(module_matrix(pre, module), module_matrix(ft, module), top_k=top_k,
-                                     energy=energy, layer_batch=layer_batch)
+                                     energy=energy, layer_batch=layer_batch, method=method)
         out[module] = DeltaWReport(module=module, **{k: np.asarray(v) for k, v in jax.device_get(stats).items()})
     return out
 

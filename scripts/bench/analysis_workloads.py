@@ -9,9 +9,11 @@ forward hooks on the linear modules (one per shared input, as the JAX side) and 
 layer, as the Wanda / Antidote code does.
 
 ``svd``: ΔW = W_ft − W_pre for every linear weight of every layer; the library's ΔW column-space analysis
-(``analysis.weights.column_space_overlap``: SVD of ΔW and of W_pre, energy cut-off, top-k overlap) vmapped over the
-layer axis, one jitted function for all modules; PyTorch: the same computation with ``torch.linalg.svd`` batched over
-the stacked layers. Throughput is in matrices/s (ΔW matrices analysed, two SVDs each); MFU is n/a (see README).
+(``analysis.weights.column_space_overlap`` with its default method: "gram", float64 eigendecompositions of the smaller
+Gram matrices of ΔW and W_pre, on CPU and GPU; float32 SVDs on TPU; energy cut-off, top-k overlap) vmapped over the
+layer axis, one jitted function for all modules; PyTorch: a per-matrix loop of ``torch.linalg.svd`` over every
+layer's ΔW and W_pre, then the same projections, as the study's reference code analyses weights. Throughput is in
+matrices/s (ΔW matrices analysed, each with its W_pre); MFU is n/a (see README).
 """
 
 from __future__ import annotations
@@ -155,28 +157,35 @@ def perturbed_weights(ctx: BenchContext) -> tuple[dict[str, np.ndarray], dict[st
 
 def torch_column_space_overlap(w_pre: Any, w_ft: Any, top_k: int = SVD_TOP_K,
                                energy: float = SVD_ENERGY) -> dict[str, Any]:
-    """``analysis.weights.column_space_overlap`` in PyTorch, batched over the layers of ``[L, out, in]`` stacks."""
+    """``analysis.weights.column_space_overlap`` in PyTorch for ``[L, out, in]`` stacks: one ``torch.linalg.svd`` of
+    ΔW and one of W_pre per layer, in a Python loop over the layers; per-layer results stacked."""
     import torch
+
+    tiny = torch.finfo(torch.float32).tiny
 
     def energy_mask(s: Any) -> Any:
         e = s.square()
-        return (e.cumsum(-1) - e) / e.sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny) < energy
+        return (e.cumsum(-1) - e) / e.sum(-1, keepdim=True).clamp_min(tiny) < energy
 
-    delta = w_ft - w_pre
-    u_d, s_d, _ = torch.linalg.svd(delta, full_matrices=False)
-    u_p, s_p, _ = torch.linalg.svd(w_pre, full_matrices=False)
-    keep = energy_mask(s_p)
-    basis = u_p * keep[:, None, :]
-    u = u_d[..., :top_k]
-    sin = torch.linalg.vector_norm(u - basis @ (basis.transpose(-1, -2) @ u), dim=-2)
-    tol = torch.finfo(torch.float32).eps * max(w_pre.shape[1:]) * torch.maximum(s_p[:, :1], s_d[:, :1])
-    sin = torch.where(s_d[:, :top_k] > tol, sin, torch.nan)
-    p = s_d / s_d.sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
-    eff_rank = torch.exp(-torch.where(p > 0, p * torch.log(torch.where(p > 0, p, 1.0)), 0.0).sum(-1))
-    rel = torch.linalg.matrix_norm(delta) / torch.linalg.matrix_norm(w_pre).clamp_min(torch.finfo(torch.float32).tiny)
-    return {"sin_theta": sin, "delta_singular_values": s_d, "pre_singular_values": s_p,
-            "pre_energy_rank": keep.sum(-1), "delta_energy_rank": energy_mask(s_d).sum(-1),
-            "delta_effective_rank": eff_rank, "relative_norm": rel}
+    def one(p: Any, f: Any) -> dict[str, Any]:
+        delta = f - p
+        u_d, s_d, _ = torch.linalg.svd(delta, full_matrices=False)
+        u_p, s_p, _ = torch.linalg.svd(p, full_matrices=False)
+        keep = energy_mask(s_p)
+        basis = u_p * keep[None, :]
+        u = u_d[:, :top_k]
+        sin = torch.linalg.vector_norm(u - basis @ (basis.T @ u), dim=0)
+        tol = torch.finfo(torch.float32).eps * max(p.shape) * torch.maximum(s_p[0], s_d[0])
+        sin = torch.where(s_d[:top_k] > tol, sin, torch.nan)
+        prob = s_d / s_d.sum().clamp_min(tiny)
+        eff_rank = torch.exp(-torch.where(prob > 0, prob * torch.log(torch.where(prob > 0, prob, 1.0)), 0.0).sum())
+        return {"sin_theta": sin, "delta_singular_values": s_d, "pre_singular_values": s_p,
+                "pre_energy_rank": keep.sum(), "delta_energy_rank": energy_mask(s_d).sum(),
+                "delta_effective_rank": eff_rank,
+                "relative_norm": torch.linalg.matrix_norm(delta) / torch.linalg.matrix_norm(p).clamp_min(tiny)}
+
+    layers = [one(p, f) for p, f in zip(w_pre, w_ft)]
+    return {k: torch.stack([layer[k] for layer in layers]) for k in layers[0]}
 
 
 def _spectra_checksum(stats: dict[str, dict[str, Any]]) -> float:
@@ -203,6 +212,7 @@ def svd_workload(ctx: BenchContext) -> Work:
     pre, ft = perturbed_weights(ctx)
     j_pre = {m: jnp.asarray(v) for m, v in pre.items()}
     j_ft = {m: jnp.asarray(v) for m, v in ft.items()}
+    # The library's default method; "gram" traces its float64 kernel under jax.enable_x64 inside this jit.
     analyse = jax.jit(lambda p, f: {m: column_space_overlap(p[m], f[m], top_k=SVD_TOP_K, energy=SVD_ENERGY)
                                     for m in LINEAR_MODULES})
     to_host = lambda stats: jax.tree.map(np.asarray, stats)
