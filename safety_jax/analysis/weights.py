@@ -112,6 +112,9 @@ def _eigh_per_matrix_vmap(axis_size: int, in_batched: list[bool],
                           g: jax.Array) -> tuple[tuple[jax.Array, jax.Array], tuple[bool, bool]]:
     if not in_batched[0]:
         return _eigh_per_matrix(g), (False, False)
+    if jax.default_backend() != "cpu":                         # cuSOLVER's batched eigh has no such pool
+        lam, vec = jnp.linalg.eigh(g)
+        return (lam, vec), (True, True)
     parts = [_eigh_per_matrix(g[i]) for i in range(axis_size)]
     return (jnp.stack([p[0] for p in parts]), jnp.stack([p[1] for p in parts])), (True, True)
 
